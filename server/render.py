@@ -226,6 +226,11 @@ def _legacy_function_call(content: Any) -> tuple[Any, Any, str] | None:
 # Tools
 
 
+def _or_default(value: Any, default: Any) -> Any:
+    """JSON null means absent; an empty list where an object belongs is still an error."""
+    return default if value is None else value
+
+
 def normalize_tools(tools: Sequence[Any] | None) -> list[ToolSpec]:
     """Validate OpenAI `tools` and return them in order; unusual but valid schemas pass."""
     if tools is None:
@@ -252,16 +257,16 @@ def normalize_tools(tools: Sequence[Any] | None) -> list[ToolSpec]:
         if name in seen:
             raise RenderError(f"duplicate function name {name!r}", f"{param}.function.name")
         seen.add(name)
-        description = function.get("description") or ""
+        description = _or_default(function.get("description"), "")
         if not isinstance(description, str):
             raise RenderError("description must be a string", f"{param}.function.description")
-        parameters = function.get("parameters") or {}
+        parameters = _or_default(function.get("parameters"), {})
         if not isinstance(parameters, Mapping):
             raise RenderError("parameters must be a JSON Schema object", f"{param}.function.parameters")
-        properties = parameters.get("properties") or {}
+        properties = _or_default(parameters.get("properties"), {})
         if not isinstance(properties, Mapping) or not all(isinstance(v, Mapping) for v in properties.values()):
             raise RenderError("properties must be an object of JSON Schemas", f"{param}.function.parameters.properties")
-        required = parameters.get("required") or []
+        required = _or_default(parameters.get("required"), [])
         if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
             raise RenderError("required must be an array of strings", f"{param}.function.parameters.required")
         specs.append(ToolSpec(name, description, parameters))
