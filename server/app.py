@@ -1,0 +1,158 @@
+"""HTTP layer: routes, lifespan (model load), auth, error shape. Request logic lives in chat.py."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import torch
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import EventSourceResponse
+
+from prompts import load_format
+from server.chat import ChatService
+from server.engine import Engine, load_model
+from server.errors import APIError, install_error_handlers
+from server.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse, ModelCard, ModelList
+from server.settings import Settings
+
+log = logging.getLogger("agent_server")
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)
+}
+
+
+def build_engine(settings: Settings) -> Engine:
+    """Load the model named by the settings (or the demo model) and start batching."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    model_path = settings.model
+    if settings.demo:
+        from server.demo import build_demo_model
+
+        log.warning("=" * 72)
+        log.warning("DEMO MODEL: a tiny model trained in a minute to call three demo tools.")
+        log.warning("It is not Qwen1.5-4B-agent and knows nothing else. Use --model for real work.")
+        log.warning("=" * 72)
+        model_path = str(build_demo_model(settings.demo_cache))
+    if not model_path:
+        raise SystemExit("no model: pass --model DIR (or --demo)")
+    model, tokenizer = load_model(model_path, settings.adapter, dtype=settings.dtype, device=settings.device)
+    engine = Engine(
+        model,
+        tokenizer,
+        max_model_len=settings.max_model_len,
+        max_running=settings.max_running,
+        max_queued=settings.max_queued,
+        kv_cache_tokens=settings.kv_cache_tokens,
+        max_batch_tokens=settings.max_batch_tokens,
+    )
+    engine.start()
+    log.info(
+        "serving %s from %s on %s (%s), max_model_len=%d",
+        settings.served_model_name, model_path, model.device, model.dtype, engine.max_model_len,
+    )
+    return engine
+
+
+def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
+    """The ASGI app; the model loads in `lifespan` unless an engine is passed in."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = engine is None
+        active = build_engine(settings) if owned else engine
+        app.state.engine = active
+        app.state.chat = ChatService(active, load_format(), settings.served_model_name)
+        app.state.started = int(time.time())
+        try:
+            yield
+        finally:
+            if owned:
+                active.stop()
+
+    app = FastAPI(title="agent-server", version="0.1.0", lifespan=lifespan, responses=_ERRORS)
+    app.state.settings = settings
+    install_error_handlers(app)
+
+    def require_api_key(request: Request) -> None:
+        """Bearer auth on /v1/* when an API key is configured (constant-time comparison)."""
+        expected = settings.api_key
+        if not expected:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), expected.encode()):
+            raise APIError(
+                401,
+                "Incorrect API key provided. Send 'Authorization: Bearer <key>'.",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    def chat_service(request: Request) -> ChatService:
+        return request.app.state.chat
+
+    Auth = Depends(require_api_key)
+
+    @app.get("/health", include_in_schema=True)
+    async def health() -> dict[str, str]:
+        """200 once the model is loaded (the server only listens after that)."""
+        return {"status": "ok"}
+
+    @app.get("/v1/models", dependencies=[Auth])
+    async def models(request: Request) -> ModelList:
+        return ModelList(data=[ModelCard(id=settings.served_model_name, created=request.app.state.started)])
+
+    @app.get("/v1/models/{model_id}", dependencies=[Auth])
+    async def model(model_id: str, request: Request) -> ModelCard:
+        if model_id != settings.served_model_name:
+            raise APIError(404, f"The model `{model_id}` does not exist.", param="model", code="model_not_found")
+        return ModelCard(id=model_id, created=request.app.state.started)
+
+    @app.post(
+        "/v1/chat/completions",
+        dependencies=[Auth],
+        response_model=ChatCompletion,
+        responses={200: {"content": {"text/event-stream": {}}}},
+    )
+    async def chat_completions(
+        body: ChatCompletionRequest, request: Request, service: Annotated[ChatService, Depends(chat_service)]
+    ) -> Response:
+        chat = service.prepare(body)
+        generation = service.submit(chat)
+        if body.stream:
+            return EventSourceResponse(service.stream(chat, generation), sep="\n", ping=15)
+        completion = await _unless_disconnected(request, service.complete(chat, generation))
+        if completion is None:
+            return Response(status_code=499)  # nobody is listening; the sequence was cancelled
+        return JSONResponse(completion.model_dump(mode="json"))
+
+    return app
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[ChatCompletion]) -> ChatCompletion | None:
+    """Run `work`, cancelling it (and so its sequence) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return None
+    return task.result()

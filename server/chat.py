@@ -1,0 +1,271 @@
+"""One chat completion: request -> render -> engine -> parse -> response or stream.
+
+Streaming and non-streaming share one event generator (`_run`): the non-streaming answer is
+the streamed events assembled, so the two cannot disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from prompts import PromptFormat
+from server.detokenize import IncrementalDetokenizer
+from server.engine import Engine, EngineError, EngineOverloaded, Generation, SamplingParams
+from server.errors import APIError
+from server.parse import ContentDelta, StreamEvent, StreamingParser, ToolCallArguments, ToolCallStart
+from server.protocol import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    Delta,
+    FunctionCallDelta,
+    FunctionCallOut,
+    ToolCallDelta,
+    ToolCallOut,
+    Usage,
+)
+from server.render import PromptEncoder, RenderError, RenderedPrompt, render_prompt
+from server.stop import StopMatcher
+
+
+@dataclass(frozen=True)
+class PreparedChat:
+    """A validated request, ready for the engine."""
+
+    id: str
+    created: int
+    model: str
+    prompt: RenderedPrompt
+    params: SamplingParams
+    stops: list[str]
+    max_calls: int | None
+    include_usage: bool
+
+
+@dataclass
+class _Outcome:
+    """Filled in while `_run` streams: what the final chunk and the usage need."""
+
+    finish_reason: str = "stop"
+    completion_tokens: int = 0
+
+
+def _legacy_tools(req: ChatCompletionRequest) -> tuple[list[dict[str, Any]] | None, Any]:
+    """`functions`/`function_call` (deprecated OpenAI fields) mapped onto `tools`/`tool_choice`."""
+    if req.functions is not None and req.tools is not None:
+        raise APIError(400, "Use either tools or functions, not both.", param="functions")
+    if req.function_call is not None and req.tool_choice is not None:
+        raise APIError(400, "Use either tool_choice or function_call, not both.", param="function_call")
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools is not None else None
+    tool_choice: Any = req.tool_choice.model_dump() if hasattr(req.tool_choice, "model_dump") else req.tool_choice
+    if req.functions is not None:
+        tools = [{"type": "function", "function": f.model_dump(exclude_none=True)} for f in req.functions]
+    if req.function_call is not None:
+        fc = req.function_call
+        tool_choice = fc if isinstance(fc, str) else {"type": "function", "function": {"name": fc.name}}
+    return tools, tool_choice
+
+
+class ChatService:
+    """Turns requests into completions on one engine with one prompt format."""
+
+    def __init__(self, engine: Engine, fmt: PromptFormat, served_model_name: str) -> None:
+        self.engine = engine
+        self.fmt = fmt
+        self.model_name = served_model_name
+        self.encoder = PromptEncoder.from_tokenizer(engine.tokenizer)
+
+    def prepare(self, req: ChatCompletionRequest) -> PreparedChat:
+        """Validate and render; every problem is an APIError (4xx) with a `param`."""
+        refused = req.unsupported_fields()
+        if refused:
+            raise APIError(400, f"{refused[0]} is not supported by this server.", param=refused[0], code="unsupported_parameter")
+        if req.model != self.model_name:
+            raise APIError(
+                404,
+                f"The model `{req.model}` does not exist. This server serves `{self.model_name}`.",
+                param="model",
+                code="model_not_found",
+            )
+        tools, tool_choice = _legacy_tools(req)
+        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        try:
+            prompt = render_prompt(messages, tools, tool_choice, self.fmt, self.encoder)
+        except RenderError as exc:
+            raise APIError(400, exc.message, param=exc.param, code="invalid_value") from None
+        limit = self.engine.max_model_len
+        prompt_len = len(prompt.ids)
+        requested = req.max_completion_tokens or req.max_tokens
+        param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+        if prompt_len >= limit:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, your messages resulted in "
+                f"{prompt_len} tokens. Please reduce the length of the messages.",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        if requested is not None and prompt_len + requested > limit:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt_len + requested} tokens ({prompt_len} in the messages, {requested} in the completion). "
+                "Please reduce the length of the messages or completion.",
+                param=param,
+                code="context_length_exceeded",
+            )
+        max_new = requested if requested is not None else limit - prompt_len
+        if prompt.tool_choice.mode == "required":
+            choices = tuple(
+                tuple(self.encoder.encode_text(f" {name}\n{self.fmt.action_input_marker}")) for name in prompt.tool_names
+            )
+        else:
+            choices = ()
+        params = SamplingParams(
+            max_new_tokens=max_new,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            seed=req.seed,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            forced_choices=choices,
+        )
+        return PreparedChat(
+            id="chatcmpl-" + secrets.token_urlsafe(18).replace("-", "x").replace("_", "y"),
+            created=int(time.time()),
+            model=self.model_name,
+            prompt=prompt,
+            params=params,
+            stops=req.stop_sequences(),
+            max_calls=1 if req.parallel_tool_calls is False else None,
+            include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        )
+
+    def submit(self, chat: PreparedChat) -> Generation:
+        """Admit the request into the engine now, so that overload is a 429 before any stream starts."""
+        try:
+            return self.engine.submit(chat.prompt.ids, chat.params)
+        except EngineOverloaded as exc:
+            raise APIError(
+                429,
+                f"The server is at capacity ({exc}). Please retry after a short wait.",
+                code="server_busy",
+                headers={"Retry-After": "1"},
+            ) from None
+
+    async def _run(self, chat: PreparedChat, generation: Generation, outcome: _Outcome) -> AsyncIterator[StreamEvent]:
+        """Generate and parse; closing this generator early cancels the sequence in the engine."""
+        parser = StreamingParser(chat.prompt.tool_names, chat.max_calls)
+        detok = IncrementalDetokenizer(self.engine.tokenizer, skip_special_tokens=True)
+        stops = StopMatcher(chat.stops)
+        finish = "stop"
+        try:
+            for event in parser.feed(chat.prompt.forced_prefix):
+                yield event
+            async for step in generation:
+                outcome.completion_tokens += len(step.token_ids)
+                for token_id in step.token_ids:
+                    for event in parser.feed(stops.feed(detok.push(token_id))):
+                        yield event
+                    if stops.stopped or parser.done:
+                        break
+                if stops.stopped or parser.done:
+                    break
+                if step.finish_reason is not None:
+                    finish = step.finish_reason
+        finally:
+            await generation.aclose()  # cancels the sequence if it is still running
+        for event in parser.feed(stops.feed(detok.flush()) + stops.flush()):
+            yield event
+        for event in parser.finish():
+            yield event
+        outcome.finish_reason = "tool_calls" if parser.result().tool_calls else finish
+
+    def _usage(self, chat: PreparedChat, outcome: _Outcome) -> Usage:
+        prompt_tokens = len(chat.prompt.ids)
+        return Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=outcome.completion_tokens,
+            total_tokens=prompt_tokens + outcome.completion_tokens,
+        )
+
+    async def complete(self, chat: PreparedChat, generation: Generation) -> ChatCompletion:
+        outcome = _Outcome()
+        content: list[str] = []
+        calls: list[ToolCallOut] = []
+        try:
+            events = [event async for event in self._run(chat, generation, outcome)]
+        except EngineError as exc:
+            raise APIError(503, f"Generation failed: {exc}. Please retry.", type="server_error") from None
+        for event in events:
+            if isinstance(event, ContentDelta):
+                content.append(event.text)
+            elif isinstance(event, ToolCallStart):
+                calls.append(ToolCallOut(id=event.id, function=FunctionCallOut(name=event.name, arguments="")))
+            elif isinstance(event, ToolCallArguments):
+                calls[event.index].function.arguments += event.fragment
+        text = "".join(content)
+        message = AssistantMessage(content=text if text or not calls else None, tool_calls=calls or None)
+        return ChatCompletion(
+            id=chat.id,
+            created=chat.created,
+            model=chat.model,
+            choices=[Choice(message=message, finish_reason=outcome.finish_reason)],
+            usage=self._usage(chat, outcome),
+        )
+
+    async def stream(self, chat: PreparedChat, generation: Generation) -> AsyncIterator[str]:
+        """SSE `data:` payloads: role chunk, deltas, final chunk, optional usage chunk, [DONE]."""
+        outcome = _Outcome()
+
+        def chunk(delta: Delta, finish_reason: str | None = None) -> str:
+            body = ChatCompletionChunk(
+                id=chat.id,
+                created=chat.created,
+                model=chat.model,
+                choices=[ChunkChoice(delta=delta, finish_reason=finish_reason)],
+            )
+            return _dump(body)
+
+        yield chunk(Delta(role="assistant", content=""))
+        try:
+            async for event in self._run(chat, generation, outcome):
+                if isinstance(event, ContentDelta):
+                    yield chunk(Delta(content=event.text))
+                elif isinstance(event, ToolCallStart):
+                    call = ToolCallDelta(index=event.index, id=event.id, type="function",
+                                         function=FunctionCallDelta(name=event.name, arguments=""))
+                    yield chunk(Delta(tool_calls=[call]))
+                elif isinstance(event, ToolCallArguments):
+                    call = ToolCallDelta(index=event.index, function=FunctionCallDelta(arguments=event.fragment))
+                    yield chunk(Delta(tool_calls=[call]))
+        except EngineError as exc:  # headers are sent: report in-band, as OpenAI does
+            yield json.dumps(APIError(503, f"Generation failed: {exc}.", type="server_error").body())
+            return
+        yield chunk(Delta(), outcome.finish_reason)
+        if chat.include_usage:
+            usage = ChatCompletionChunk(id=chat.id, created=chat.created, model=chat.model, choices=[],
+                                        usage=self._usage(chat, outcome))
+            yield _dump(usage)
+        yield "[DONE]"
+
+
+def _dump(chunk: ChatCompletionChunk) -> str:
+    """A chunk as OpenAI sends it: unset delta fields omitted, `finish_reason` always present."""
+    data = chunk.model_dump(exclude={"usage"} if chunk.usage is None else set())
+    for choice in data["choices"]:
+        choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+        for call in choice["delta"].get("tool_calls", []):
+            for key in [k for k, v in call.items() if v is None]:
+                del call[key]
+            if "function" in call:
+                call["function"] = {k: v for k, v in call["function"].items() if v is not None}
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))

@@ -1,0 +1,149 @@
+"""Per-request sampling for transformers' continuous batching.
+
+transformers 5.24's continuous-batching manager has one `do_sample` and one seed for all
+requests, and no per-request logits processors. This processor plugs into its logits-processor
+list and handles each row of the batch with that row's own request settings:
+
+* OpenAI presence/frequency penalties (additive, over the tokens generated so far);
+* a forced choice (`tool_choice: required`): the first tokens must follow one of the given token
+  sequences (the tool names), enforced by masking to the children of a token trie;
+* temperature/top-p sampling with a per-request `torch.Generator` (so `seed` is reproducible
+  whatever else is in the batch). The sampled token is returned as a one-hot row and the
+  manager, which runs greedy, picks it with its argmax. Temperature 0 stays greedy.
+
+The manager calls `prepare_tensor_args` with the batch's requests (those getting a new token) in
+the same order as the score rows, right before `__call__`, on its own thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessor
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What one request asks of generation."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # Token sequences the output must start with one of (empty: unconstrained).
+    forced_choices: tuple[tuple[int, ...], ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_p == 0
+
+
+class _RequestSampler:
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self.generator: torch.Generator | None = None
+        if not params.greedy:
+            self.generator = torch.Generator()
+            if params.seed is not None:
+                self.generator.manual_seed(params.seed % (2**63))
+            else:
+                self.generator.seed()
+
+    def allowed(self, generated: list[int]) -> list[int] | None:
+        """Tokens allowed next under the forced choice, or None when unconstrained."""
+        if not self.params.forced_choices:
+            return None
+        n = len(generated)
+        options = {
+            choice[n]
+            for choice in self.params.forced_choices
+            if len(choice) > n and tuple(choice[:n]) == tuple(generated)
+        }
+        if not options or any(len(c) <= n and tuple(c) == tuple(generated[: len(c)]) for c in self.params.forced_choices):
+            return None  # a choice is complete: free generation from here
+        return sorted(options)
+
+    def process(self, row: torch.Tensor, generated: list[int]) -> torch.Tensor:
+        p = self.params
+        if (p.presence_penalty or p.frequency_penalty) and generated:
+            ids = torch.tensor(generated, dtype=torch.long, device=row.device)
+            counts = torch.bincount(ids, minlength=row.numel())[: row.numel()].to(row.dtype)
+            row = row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(row.dtype)
+        allowed = self.allowed(generated)
+        if allowed is not None:
+            mask = torch.full_like(row, float("-inf"))
+            mask[allowed] = 0
+            row = row + mask
+        if p.greedy:
+            return row
+        probs = torch.softmax(row.float() / p.temperature, dim=-1)
+        if p.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            drop = (sorted_probs.cumsum(-1) - sorted_probs) > p.top_p
+            sorted_probs[drop] = 0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        token = torch.multinomial(probs.cpu(), 1, generator=self.generator).item()
+        onehot = torch.full_like(row, float("-inf"))
+        onehot[token] = 0
+        return onehot
+
+
+class PerRequestSampler(ContinuousBatchingLogitsProcessor):
+    """The processor installed into the manager; requests register by id."""
+
+    supported_kwargs: dict[str, type] = {}
+    ignored_kwargs: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._samplers: dict[str, _RequestSampler] = {}
+        self._rows: list[Any] = []
+
+    def register(self, request_id: str, params: SamplingParams) -> None:
+        if params.greedy and not params.forced_choices and not params.presence_penalty and not params.frequency_penalty:
+            return  # plain greedy: the manager's own argmax
+        with self._lock:
+            self._samplers[request_id] = _RequestSampler(params)
+
+    def forget(self, request_id: str) -> None:
+        with self._lock:
+            self._samplers.pop(request_id, None)
+
+    def __len__(self) -> int:
+        return len(self._samplers)
+
+    def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+        int32_tensor.fill_(0)
+
+    def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
+        self._rows = [r.state for r in requests_with_new_token]
+        return torch.zeros(len(requests_with_new_token), dtype=torch.int32)
+
+    def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            samplers = [self._samplers.get(state.request_id) for state in self._rows[: scores.size(0)]]
+        if not any(samplers):
+            return scores
+        out = scores.clone()
+        for i, sampler in enumerate(samplers):
+            if sampler is not None:
+                out[i] = sampler.process(scores[i], list(self._rows[i].generated_tokens))
+        return out
+
+
+def install(manager: Any, sampler: PerRequestSampler) -> None:
+    """Attach `sampler` to a manager before `start()` (its I/O tensors are sized at start).
+
+    This touches private fields of transformers' `ContinuousBatchingLogitsProcessorList`; the
+    project pins transformers 5.24.x and tests/test_engine.py guards the behaviour.
+    """
+    processors = manager.logit_processor
+    processors.logits_processor.append(sampler)
+    processors.tensors_required += 1
+    processors._retrieve_processors_kwargs()
+    processors.do_processing = True

@@ -1,0 +1,56 @@
+"""Server settings: command-line flags, each with an AGENT_SERVER_* environment variable."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+ENV_PREFIX = "AGENT_SERVER_"
+
+
+@dataclass
+class Settings:
+    """Everything `serve` can be told. Field `x_y` is flag `--x-y` and env `AGENT_SERVER_X_Y`."""
+
+    model: str | None = field(default=None, metadata={"help": "model directory or hub id"})
+    adapter: str | None = field(default=None, metadata={"help": "LoRA adapter directory, merged into the model at load"})
+    demo: bool = field(default=False, metadata={"help": "serve the tiny offline demo model (built once, cached)"})
+    served_model_name: str = field(default="Qwen1.5-4B-agent", metadata={"help": "the model name clients send"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind"})
+    port: int = field(default=8000, metadata={"help": "port to bind"})
+    dtype: str = field(default="auto", metadata={"help": "auto, float32, bfloat16 or float16"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:N"})
+    max_model_len: int | None = field(default=None, metadata={"help": "context limit in tokens (default: model's, at most 4096)"})
+    max_running: int = field(default=16, metadata={"help": "sequences generated together"})
+    max_queued: int = field(default=64, metadata={"help": "requests waiting beyond max_running before 429"})
+    kv_cache_tokens: int | None = field(default=None, metadata={"help": "paged KV cache size in tokens (default 4 x max_model_len)"})
+    max_batch_tokens: int = field(default=512, metadata={"help": "tokens per engine step (prefill chunk)"})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
+    api_key: str | None = field(default=None, metadata={"help": "require 'Authorization: Bearer KEY' on /v1/*"})
+    max_body_bytes: int = field(default=4 * 1024 * 1024, metadata={"help": "largest request body accepted (413 beyond)"})
+    log_level: str = field(default="info", metadata={"help": "debug, info, warning, error"})
+    demo_cache: str = field(
+        default=os.path.join(os.path.expanduser("~"), ".cache", "agent-server", "demo"),
+        metadata={"help": "where --demo keeps the demo model"},
+    )
+
+    @staticmethod
+    def from_env(**overrides: Any) -> Settings:
+        """Defaults, then AGENT_SERVER_* variables, then explicit overrides (flags)."""
+        values: dict[str, Any] = {}
+        for f in fields(Settings):
+            raw = os.environ.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = _convert(f.type, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return Settings(**values)
+
+
+def _convert(kind: Any, raw: str) -> Any:
+    kind = str(kind)
+    if kind.startswith("bool"):
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if kind.startswith("int"):
+        return int(raw)
+    return raw
