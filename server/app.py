@@ -62,6 +62,11 @@ def build_engine(settings: Settings) -> Engine:
     return engine
 
 
+def chat_service(request: Request) -> ChatService:
+    """Dependency: the request logic bound to the loaded engine."""
+    return request.app.state.chat
+
+
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     """The ASGI app; the model loads in `lifespan` unless an engine is passed in."""
 
@@ -96,9 +101,6 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                 code="invalid_api_key",
                 headers={"WWW-Authenticate": "Bearer"},
             )
-
-    def chat_service(request: Request) -> ChatService:
-        return request.app.state.chat
 
     Auth = Depends(require_api_key)
 

@@ -21,3 +21,100 @@ def qwen_tokenizer(qwen_tokenizer_dir: pathlib.Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, qwen_tokenizer_dir: pathlib.Path) -> pathlib.Path:
+    """A randomly initialised tiny Qwen2 model with the real tokenizer, built once per test run (~2 s)."""
+    from server.demo import build_random_model
+
+    return build_random_model(qwen_tokenizer_dir, tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def trained_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: pathlib.Path) -> pathlib.Path:
+    """:func:`tiny_model_dir` fine-tuned on ``DEMO_EXAMPLES`` (answers them greedily), once per run (~40 s)."""
+    from server.demo import train_demo_model
+
+    return train_demo_model(tiny_model_dir, tmp_path_factory.mktemp("trained_model"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Real servers: `python -m server serve` in a subprocess, on 127.0.0.1 with an OS-chosen port.
+
+
+class RunningServer:
+    """A server subprocess; `url` is its base URL (no /v1), `log` what it printed so far."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        import os
+        import re
+        import subprocess
+        import sys
+        import threading
+
+        self.log: list[str] = []
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", "0", "--threads", "1", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=full_env,
+            cwd=pathlib.Path(__file__).resolve().parent.parent,
+        )
+        ready = threading.Event()
+        self.url = ""
+
+        def pump() -> None:
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                self.log.append(line)
+                match = re.search(r"Uvicorn running on (http://\S+)", line)
+                if match:
+                    self.url = match.group(1)
+                    ready.set()
+            ready.set()  # exited
+
+        threading.Thread(target=pump, daemon=True).start()
+        if not ready.wait(timeout=300) or not self.url:
+            self.stop()
+            raise RuntimeError("server did not start:\n" + "".join(self.log[-40:]))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def start_server():
+    """Factory: start_server(*args, env=...) -> RunningServer, all stopped at the end of the run."""
+    servers: list[RunningServer] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> RunningServer:
+        server = RunningServer(list(args), env)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def trained_server(start_server, trained_model_dir: pathlib.Path) -> RunningServer:
+    """The trained tiny model served once per test run, with default settings."""
+    return start_server("--model", str(trained_model_dir))
+
+
+@pytest.fixture()
+def client(trained_server: RunningServer):
+    """The official openai SDK pointed at the trained server."""
+    import openai
+
+    return openai.OpenAI(base_url=trained_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
