@@ -38,8 +38,6 @@ class PromptFormat:
     tool_arg_items: str
     forced_required: str
     forced_named: str
-    action_marker: str
-    action_input_marker: str
 
 
 def available_formats() -> list[str]:

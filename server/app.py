@@ -19,6 +19,8 @@ from prompts import load_format
 from server.chat import ChatService
 from server.engine import Engine, load_model
 from server.errors import APIError, install_error_handlers
+from server.metrics import Metrics
+from server.middleware import RequestMiddleware
 from server.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse, ModelCard, ModelList
 from server.settings import Settings
 
@@ -75,7 +77,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         owned = engine is None
         active = build_engine(settings) if owned else engine
         app.state.engine = active
-        app.state.chat = ChatService(active, load_format(), settings.served_model_name)
+        app.state.chat = ChatService(active, load_format(), settings.served_model_name, metrics)
+        metrics.running.set_function(lambda: active.running)
+        metrics.queued.set_function(lambda: active.queued)
         app.state.started = int(time.time())
         try:
             yield
@@ -83,9 +87,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             if owned:
                 active.stop()
 
+    metrics = Metrics()
     app = FastAPI(title="agent-server", version="0.1.0", lifespan=lifespan, responses=_ERRORS)
     app.state.settings = settings
     install_error_handlers(app)
+    app.add_middleware(RequestMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
 
     def require_api_key(request: Request) -> None:
         """Bearer auth on /v1/* when an API key is configured (constant-time comparison)."""
@@ -108,6 +114,12 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     async def health() -> dict[str, str]:
         """200 once the model is loaded (the server only listens after that)."""
         return {"status": "ok"}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        """Prometheus text format; open like /health (put it behind your proxy's ACL)."""
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.get("/v1/models", dependencies=[Auth])
     async def models(request: Request) -> ModelList:

@@ -17,7 +17,8 @@ from prompts import PromptFormat
 from server.detokenize import IncrementalDetokenizer
 from server.engine import Engine, EngineError, EngineOverloaded, Generation, SamplingParams
 from server.errors import APIError
-from server.parse import ContentDelta, StreamEvent, StreamingParser, ToolCallArguments, ToolCallStart
+from server.metrics import Metrics
+from server.parse import ACTION, ContentDelta, StreamEvent, StreamingParser, ToolCallArguments, ToolCallStart
 from server.protocol import (
     AssistantMessage,
     ChatCompletion,
@@ -48,6 +49,8 @@ class PreparedChat:
     stops: list[str]
     max_calls: int | None
     include_usage: bool
+    legacy_functions: bool  # answer with `function_call`, as OpenAI does for `functions` requests
+    started: float  # time.perf_counter() when the request was prepared
 
 
 @dataclass
@@ -77,8 +80,9 @@ def _legacy_tools(req: ChatCompletionRequest) -> tuple[list[dict[str, Any]] | No
 class ChatService:
     """Turns requests into completions on one engine with one prompt format."""
 
-    def __init__(self, engine: Engine, fmt: PromptFormat, served_model_name: str) -> None:
+    def __init__(self, engine: Engine, fmt: PromptFormat, served_model_name: str, metrics: Metrics) -> None:
         self.engine = engine
+        self.metrics = metrics
         self.fmt = fmt
         self.model_name = served_model_name
         self.encoder = PromptEncoder.from_tokenizer(engine.tokenizer)
@@ -123,12 +127,6 @@ class ChatService:
                 code="context_length_exceeded",
             )
         max_new = requested if requested is not None else limit - prompt_len
-        if prompt.tool_choice.mode == "required":
-            choices = tuple(
-                tuple(self.encoder.encode_text(f" {name}\n{self.fmt.action_input_marker}")) for name in prompt.tool_names
-            )
-        else:
-            choices = ()
         params = SamplingParams(
             max_new_tokens=max_new,
             temperature=1.0 if req.temperature is None else req.temperature,
@@ -136,7 +134,7 @@ class ChatService:
             seed=req.seed,
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
-            forced_choices=choices,
+            forced_choices=tuple(tuple(self.encoder.encode_text(c)) for c in prompt.forced_choices),
         )
         return PreparedChat(
             id="chatcmpl-" + secrets.token_urlsafe(18).replace("-", "x").replace("_", "y"),
@@ -145,8 +143,10 @@ class ChatService:
             prompt=prompt,
             params=params,
             stops=req.stop_sequences(),
-            max_calls=1 if req.parallel_tool_calls is False else None,
+            max_calls=1 if req.parallel_tool_calls is False or req.functions is not None else None,
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            legacy_functions=req.functions is not None,
+            started=time.perf_counter(),
         )
 
     def submit(self, chat: PreparedChat) -> Generation:
@@ -171,6 +171,8 @@ class ChatService:
             for event in parser.feed(chat.prompt.forced_prefix):
                 yield event
             async for step in generation:
+                if outcome.completion_tokens == 0 and step.token_ids:
+                    self.metrics.ttft.observe(time.perf_counter() - chat.started)
                 outcome.completion_tokens += len(step.token_ids)
                 for token_id in step.token_ids:
                     for event in parser.feed(stops.feed(detok.push(token_id))):
@@ -187,7 +189,13 @@ class ChatService:
             yield event
         for event in parser.finish():
             yield event
-        outcome.finish_reason = "tool_calls" if parser.result().tool_calls else finish
+        calls = parser.result().tool_calls
+        outcome.finish_reason = "tool_calls" if calls else finish
+        self.metrics.prompt_tokens.inc(len(chat.prompt.ids))
+        self.metrics.completion_tokens.inc(outcome.completion_tokens)
+        self.metrics.tool_calls.inc(len(calls))
+        if chat.prompt.tool_names and not calls and ACTION in parser.text:
+            self.metrics.parse_failures.inc()
 
     def _usage(self, chat: PreparedChat, outcome: _Outcome) -> Usage:
         prompt_tokens = len(chat.prompt.ids)
@@ -214,11 +222,15 @@ class ChatService:
                 calls[event.index].function.arguments += event.fragment
         text = "".join(content)
         message = AssistantMessage(content=text if text or not calls else None, tool_calls=calls or None)
+        finish_reason = outcome.finish_reason
+        if chat.legacy_functions and calls:
+            message = AssistantMessage(content=message.content, function_call=calls[0].function)
+            finish_reason = "function_call"
         return ChatCompletion(
             id=chat.id,
             created=chat.created,
             model=chat.model,
-            choices=[Choice(message=message, finish_reason=outcome.finish_reason)],
+            choices=[Choice(message=message, finish_reason=finish_reason)],
             usage=self._usage(chat, outcome),
         )
 
@@ -241,16 +253,23 @@ class ChatService:
                 if isinstance(event, ContentDelta):
                     yield chunk(Delta(content=event.text))
                 elif isinstance(event, ToolCallStart):
-                    call = ToolCallDelta(index=event.index, id=event.id, type="function",
-                                         function=FunctionCallDelta(name=event.name, arguments=""))
-                    yield chunk(Delta(tool_calls=[call]))
+                    function = FunctionCallDelta(name=event.name, arguments="")
+                    if chat.legacy_functions:
+                        yield chunk(Delta(function_call=function))
+                    else:
+                        call = ToolCallDelta(index=event.index, id=event.id, type="function", function=function)
+                        yield chunk(Delta(tool_calls=[call]))
                 elif isinstance(event, ToolCallArguments):
-                    call = ToolCallDelta(index=event.index, function=FunctionCallDelta(arguments=event.fragment))
-                    yield chunk(Delta(tool_calls=[call]))
+                    function = FunctionCallDelta(arguments=event.fragment)
+                    if chat.legacy_functions:
+                        yield chunk(Delta(function_call=function))
+                    else:
+                        yield chunk(Delta(tool_calls=[ToolCallDelta(index=event.index, function=function)]))
         except EngineError as exc:  # headers are sent: report in-band, as OpenAI does
             yield json.dumps(APIError(503, f"Generation failed: {exc}.", type="server_error").body())
             return
-        yield chunk(Delta(), outcome.finish_reason)
+        legacy_call = chat.legacy_functions and outcome.finish_reason == "tool_calls"
+        yield chunk(Delta(), "function_call" if legacy_call else outcome.finish_reason)
         if chat.include_usage:
             usage = ChatCompletionChunk(id=chat.id, created=chat.created, model=chat.model, choices=[],
                                         usage=self._usage(chat, outcome))
@@ -268,4 +287,6 @@ def _dump(chunk: ChatCompletionChunk) -> str:
                 del call[key]
             if "function" in call:
                 call["function"] = {k: v for k, v in call["function"].items() if v is not None}
+        if "function_call" in choice["delta"]:
+            choice["delta"]["function_call"] = {k: v for k, v in choice["delta"]["function_call"].items() if v is not None}
     return json.dumps(data, ensure_ascii=False, separators=(",", ":"))

@@ -38,6 +38,7 @@ def serve(args: argparse.Namespace) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
+        access_log=False,  # server.middleware logs each request with its request id
         timeout_graceful_shutdown=5,
     )
 

@@ -138,7 +138,7 @@ class ChatCompletionRequest(BaseModel):
 # ---------------------------------------------------------------------------------------------
 # Responses
 
-FinishReason = Literal["stop", "length", "tool_calls"]
+FinishReason = Literal["stop", "length", "tool_calls", "function_call"]
 
 
 class FunctionCallOut(BaseModel):
@@ -156,7 +156,9 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: None = None
-    tool_calls: list[ToolCallOut] | None = None
+    tool_calls: list[ToolCallOut] | None = Field(default=None, exclude_if=lambda v: v is None)
+    # Only for requests that used the legacy `functions`, as OpenAI answers them.
+    function_call: FunctionCallOut | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class Choice(BaseModel):
@@ -198,6 +200,7 @@ class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
+    function_call: FunctionCallDelta | None = None
 
 
 class ChunkChoice(BaseModel):

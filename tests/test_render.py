@@ -81,6 +81,7 @@ def test_required_and_named_tool_choice_force_a_prefix_without_trailing_space(en
     messages = [{"role": "user", "content": "Weather?"}]
     required = render(messages, [WEATHER], "required", encoder=encoder)
     assert required.forced_prefix == "Action:"
+    assert required.forced_choices == (" get_weather\nAction Input:",)
     named = render(messages, [WEATHER], {"type": "function", "function": {"name": "get_weather"}}, encoder=encoder)
     assert named.forced_prefix == "Action: get_weather\nAction Input:"
     assert named.ids[-len(encoder.encode_text(named.forced_prefix)):] == encoder.encode_text(named.forced_prefix)
@@ -173,3 +174,11 @@ def test_bad_requests_raise_one_typed_error_with_param(messages, tools, tool_cho
         render(messages, tools, tool_choice)
     assert info.value.param == param
     assert info.value.message
+
+
+def test_parser_markers_match_the_format():
+    from server.parse import ACTION, ACTION_INPUT
+
+    call = FMT.function_call.replace("{name}", "f").replace("{arguments}", "{}")
+    assert call == f"{ACTION} f\n{ACTION_INPUT} {{}}"
+    assert FMT.forced_required == ACTION

@@ -1,0 +1,98 @@
+"""ASGI middleware: request ids, body size limit, access log and request metrics.
+
+Pure ASGI (not BaseHTTPMiddleware) so streaming responses pass through untouched and the
+latency covers the whole stream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+import time
+from typing import Any
+
+from server.metrics import Metrics, route_label
+
+access_log = logging.getLogger("agent_server.access")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+Scope = dict[str, Any]
+
+
+def _error_body(message: str, code: str) -> bytes:
+    return json.dumps(
+        {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
+    ).encode()
+
+
+class RequestMiddleware:
+    def __init__(self, app: Any, metrics: Metrics, max_body_bytes: int) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        incoming = headers.get("x-request-id", "")
+        request_id = incoming if _SAFE_ID.match(incoming) else "req_" + secrets.token_hex(12)
+        scope.setdefault("state", {})["request_id"] = request_id
+        route = route_label(scope.get("path", ""))
+        start = time.perf_counter()
+        status = 500
+        limit = self.max_body_bytes
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        async def reject(status_code: int, message: str, code: str) -> None:
+            body = _error_body(message, code)
+            await send_with_id({"type": "http.response.start", "status": status_code,
+                                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+        try:
+            declared = headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                await reject(413, f"Request body is larger than the limit of {limit} bytes.", "request_too_large")
+                return
+            # Buffer the body (bounded) so that a chunked upload over the limit is a 413 too,
+            # then replay it; later receive() calls (disconnect detection) go to the server.
+            body = bytearray()
+            more = scope.get("method") in ("POST", "PUT", "PATCH")
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    status = 499  # client went away while sending
+                    return
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+                if len(body) > limit:
+                    await reject(413, f"Request body is larger than the limit of {limit} bytes.", "request_too_large")
+                    return
+            replayed = False
+
+            async def replay() -> dict[str, Any]:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": bytes(body), "more_body": False}
+                return await receive()
+
+            await self.app(scope, replay, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - start
+            self.metrics.requests.labels(route, scope.get("method", ""), str(status)).inc()
+            self.metrics.latency.labels(route).observe(elapsed)
+            access_log.info(
+                "%s %s %s %d %.1fms", request_id, scope.get("method"), scope.get("path"), status, elapsed * 1000
+            )
