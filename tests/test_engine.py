@@ -1,0 +1,122 @@
+"""The engine on a real (tiny, random) model: batching correctness, sampling, admission, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from server.engine import Engine, EngineOverloaded, SamplingParams, StepOutput, load_model
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    # Random weights repeat one token; sharper, varied logits make the comparisons meaningful.
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(1)
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    return model, tokenizer
+
+
+@pytest.fixture()
+def engine(loaded):
+    model, tokenizer = loaded
+    eng = Engine(model, tokenizer, max_running=4, max_queued=2, max_model_len=512)
+    eng.start()
+    yield eng
+    eng.stop()
+
+
+async def collect(engine: Engine, ids: list[int], params: SamplingParams) -> tuple[list[int], str | None]:
+    tokens: list[int] = []
+    finish = None
+    async for step in engine.submit(ids, params):
+        tokens += step.token_ids
+        finish = step.finish_reason
+    return tokens, finish
+
+
+PROMPTS = ["Hello world", "What is the weather in Paris? " * 6, "鸡蛋壳属于哪种类型的垃圾?", "1 2 3 4 5 6 7 8 9"]
+
+
+def test_concurrent_greedy_equals_generate(engine, loaded):
+    model, tokenizer = loaded
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+
+    async def main():
+        return await asyncio.gather(*[collect(engine, p, SamplingParams(max_new_tokens=12, temperature=0)) for p in prompts])
+
+    results = asyncio.run(main())
+    for ids, (tokens, finish) in zip(prompts, results):
+        reference = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=12,
+                                   eos_token_id=engine.stop_ids, pad_token_id=engine.stop_ids[0])[0, len(ids):].tolist()
+        expected = [t for t in reference if t not in engine.stop_ids]
+        assert tokens == expected
+        assert finish == ("length" if len(tokens) == 12 else "stop")
+
+
+def test_seed_reproducible_whatever_the_batch(engine, loaded):
+    _, tokenizer = loaded
+    ids = tokenizer.encode("Tell me a story")
+    sampled = SamplingParams(max_new_tokens=10, temperature=1.0, seed=42)
+
+    async def alone():
+        return await collect(engine, ids, sampled)
+
+    async def crowded():
+        others = [collect(engine, tokenizer.encode(p), SamplingParams(max_new_tokens=10, temperature=0.7)) for p in PROMPTS[:3]]
+        results = await asyncio.gather(collect(engine, ids, sampled), *others)
+        return results[0]
+
+    assert asyncio.run(alone()) == asyncio.run(crowded())
+
+
+def test_forced_choices_constrain_the_first_tokens(engine, loaded):
+    _, tokenizer = loaded
+    choices = (tuple(tokenizer.encode(" get_weather\nAction Input:")), tuple(tokenizer.encode(" get_time\nAction Input:")))
+    tokens, _ = asyncio.run(collect(engine, tokenizer.encode("Action:"), SamplingParams(max_new_tokens=12, temperature=0,
+                                                                                        forced_choices=choices)))
+    assert any(tuple(tokens[: len(c)]) == c for c in choices)
+
+
+def test_cancel_frees_the_slot_within_a_step(engine, loaded):
+    _, tokenizer = loaded
+
+    async def main():
+        generation = engine.submit(tokenizer.encode(PROMPTS[1]), SamplingParams(max_new_tokens=400, temperature=0))
+        first = await generation.__anext__()
+        assert isinstance(first, StepOutput) and engine.running == 1
+        await generation.aclose()
+        assert (engine.running, engine.admitted) == (0, 0)
+        # The manager dropped it: a new request runs to completion on the freed slot.
+        return await collect(engine, tokenizer.encode("Hello"), SamplingParams(max_new_tokens=3, temperature=0))
+
+    tokens, _ = asyncio.run(main())
+    assert len(tokens) <= 3
+    assert len(engine.sampler) == 0
+
+
+def test_admission_is_bounded_and_released(engine, loaded):
+    _, tokenizer = loaded
+    ids = tokenizer.encode("Hello")
+
+    async def main():
+        held = [engine.submit(ids, SamplingParams(max_new_tokens=50, temperature=0)) for _ in range(6)]  # 4 + 2
+        with pytest.raises(EngineOverloaded):
+            engine.submit(ids, SamplingParams(max_new_tokens=5, temperature=0))
+        for generation in held:
+            await generation.aclose()
+        assert engine.admitted == 0
+        return await collect(engine, ids, SamplingParams(max_new_tokens=2, temperature=0))
+
+    tokens, _ = asyncio.run(main())
+    assert len(tokens) <= 2
+
+
+def test_rejects_more_than_the_context(engine):
+    with pytest.raises(ValueError):
+        engine.submit([1] * 500, SamplingParams(max_new_tokens=20))
