@@ -32,11 +32,19 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, qwen_tokenizer_dir:
 
 
 @pytest.fixture(scope="session")
-def trained_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: pathlib.Path) -> pathlib.Path:
-    """:func:`tiny_model_dir` fine-tuned on ``DEMO_EXAMPLES`` (answers them greedily), once per run (~40 s)."""
-    from server.demo import train_demo_model
+def demo_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """The `serve --demo` cache, built once per run: tokenizer, random model, trained model."""
+    from server.demo import build_demo_model
 
-    return train_demo_model(tiny_model_dir, tmp_path_factory.mktemp("trained_model"))
+    cache = tmp_path_factory.mktemp("demo_cache")
+    build_demo_model(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def trained_model_dir(demo_cache_dir: pathlib.Path) -> pathlib.Path:
+    """The demo model, fine-tuned on ``DEMO_EXAMPLES`` (answers them greedily); ~30-45 s on 2 cores."""
+    return demo_cache_dir / "model"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -267,3 +267,13 @@ def test_lora_adapter_served_and_merged_give_the_same_greedy_output(start_server
     base_output = ask(client, [{"role": "user", "content": "Hi"}], max_tokens=16).choices[0].message.content
     assert outputs[0] == outputs[1]
     assert outputs[0] != base_output  # the adapter is really applied
+
+
+def test_serve_demo_uses_the_cached_demo_model_and_says_so(start_server, demo_cache_dir):
+    server = start_server("--demo", "--demo-cache", str(demo_cache_dir))
+    log = "".join(server.log)
+    assert "DEMO MODEL" in log and "not Qwen1.5-4B-agent" in log
+    sdk = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    message = ask(sdk, RUBBISH, DEMO_TOOLS).choices[0].message
+    assert calls_of(message) == [("get_rubbish_category", '{"keyword": "鸡蛋壳"}')]
+    server.stop()
