@@ -40,29 +40,15 @@ from __future__ import annotations
 import codecs
 from typing import Any, Literal
 
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
 __all__ = ["IncrementalDetokenizer"]
 
 Strategy = Literal["auto", "bytes", "window"]
 
 
-def _byte_decoder() -> dict[str, int]:
-    """Inverse of GPT-2's byte -> printable-character map used by byte-level BPE."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(char): byte for byte, char in zip(printable, chars)}
-
-
-_BYTE_DECODER = _byte_decoder()
+# Inverse of GPT-2's byte -> printable-character map used by byte-level BPE.
+_BYTE_DECODER = {char: byte for byte, char in bytes_to_unicode().items()}
 
 
 def _is_byte_level(tokenizer: Any) -> bool:

@@ -36,6 +36,7 @@ from collections.abc import Iterator
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 __all__ = [
     "PAT_STR",
@@ -114,23 +115,6 @@ def load_qwen_ranks(path: str | os.PathLike[str] | None = None) -> dict[bytes, i
     return ranks
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable unicode character map used by byte-level BPE."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return {byte: chr(char) for byte, char in zip(printable, chars)}
-
-
 def _merges_from_ranks(ranks: dict[bytes, int]) -> Iterator[tuple[bytes, bytes]]:
     """Derive BPE merges from tiktoken ranks.
 
@@ -153,7 +137,7 @@ def _merges_from_ranks(ranks: dict[bytes, int]) -> Iterator[tuple[bytes, bytes]]
 
 def _build_backend(ranks: dict[bytes, int]) -> Tokenizer:
     """Assemble the :class:`tokenizers.Tokenizer` (model, normalizer, pre-tokenizer, decoder, specials)."""
-    byte_map = _bytes_to_unicode()
+    byte_map = bytes_to_unicode()  # GPT-2's reversible byte -> printable character map
 
     def to_unicode(token: bytes) -> str:
         return "".join(byte_map[b] for b in token)
