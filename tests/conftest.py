@@ -6,6 +6,8 @@ import pathlib
 
 import pytest
 
+from server.launcher import ServerProcess
+
 
 @pytest.fixture(scope="session")
 def qwen_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
@@ -51,52 +53,12 @@ def trained_model_dir(demo_cache_dir: pathlib.Path) -> pathlib.Path:
 # Real servers: `python -m server serve` in a subprocess, on 127.0.0.1 with an OS-chosen port.
 
 
-class RunningServer:
-    """A server subprocess; `url` is its base URL (no /v1), `log` what it printed so far."""
+class RunningServer(ServerProcess):
+    """A started server: `url` is ready when construction returns."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
-        import os
-        import re
-        import subprocess
-        import sys
-        import threading
-
-        self.log: list[str] = []
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", "0", "--threads", "1", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=full_env,
-            cwd=pathlib.Path(__file__).resolve().parent.parent,
-        )
-        ready = threading.Event()
-        self.url = ""
-
-        def pump() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                self.log.append(line)
-                match = re.search(r"Uvicorn running on (http://\S+)", line)
-                if match:
-                    self.url = match.group(1)
-                    ready.set()
-            ready.set()  # exited
-
-        threading.Thread(target=pump, daemon=True).start()
-        if not ready.wait(timeout=300) or not self.url:
-            self.stop()
-            raise RuntimeError("server did not start:\n" + "".join(self.log[-40:]))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except Exception:
-                self.proc.kill()
-                self.proc.wait()
+        super().__init__(["--threads", "1", *args], env=env)
+        self.wait_ready()
 
 
 @pytest.fixture(scope="session")

@@ -49,3 +49,11 @@ def test_plain_greedy_requests_are_not_tracked():
     assert len(sampler) == 1
     sampler.forget("b")
     assert len(sampler) == 0
+
+
+def test_sampling_follows_the_distribution():
+    probs = torch.tensor([0.1, 0.6, 0.3])
+    row = probs.log()
+    sampler = _RequestSampler(SamplingParams(max_new_tokens=1, temperature=1.0, seed=3))
+    counts = torch.bincount(torch.tensor([sampler.process(row, []).argmax().item() for _ in range(3000)]), minlength=3)
+    assert torch.allclose(counts / 3000, probs, atol=0.04)
