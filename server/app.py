@@ -27,7 +27,7 @@ from server.settings import Settings
 log = logging.getLogger("agent_server")
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 405, 413, 429, 500, 503)
 }
 
 

@@ -63,10 +63,10 @@ class _Outcome:
 
 def _legacy_tools(req: ChatCompletionRequest) -> tuple[list[dict[str, Any]] | None, Any]:
     """`functions`/`function_call` (deprecated OpenAI fields) mapped onto `tools`/`tool_choice`."""
-    if req.functions is not None and req.tools is not None:
-        raise APIError(400, "Use either tools or functions, not both.", param="functions")
+    if req.functions and req.tools:
+        raise APIError(400, "Use either tools or functions, not both.", param="functions", code="invalid_value")
     if req.function_call is not None and req.tool_choice is not None:
-        raise APIError(400, "Use either tool_choice or function_call, not both.", param="function_call")
+        raise APIError(400, "Use either tool_choice or function_call, not both.", param="function_call", code="invalid_value")
     tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools is not None else None
     tool_choice: Any = req.tool_choice.model_dump() if hasattr(req.tool_choice, "model_dump") else req.tool_choice
     if req.functions is not None:

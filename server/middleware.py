@@ -2,6 +2,11 @@
 
 Pure ASGI (not BaseHTTPMiddleware) so streaming responses pass through untouched and the
 latency covers the whole stream.
+
+It is also where a bug (an unexpected exception) becomes a 500 in OpenAI's shape. Starlette's own
+catch-all answers the 500 but then re-raises, and uvicorn, seeing an exception after a response,
+closes the keep-alive connection: the client's next request on it fails with a reset. Answered
+here, the exception stops here and the connection stays usable.
 """
 
 from __future__ import annotations
@@ -15,16 +20,15 @@ from typing import Any
 
 from server.metrics import Metrics, route_label
 
+log = logging.getLogger("agent_server")
 access_log = logging.getLogger("agent_server.access")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 Scope = dict[str, Any]
 
 
-def _error_body(message: str, code: str) -> bytes:
-    return json.dumps(
-        {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
-    ).encode()
+def _error_body(message: str, code: str | None, type: str = "invalid_request_error") -> bytes:
+    return json.dumps({"error": {"message": message, "type": type, "param": None, "code": code}}).encode()
 
 
 class RequestMiddleware:
@@ -44,18 +48,19 @@ class RequestMiddleware:
         route = route_label(scope.get("path", ""))
         start = time.perf_counter()
         status = 500
+        started = False
         limit = self.max_body_bytes
 
         async def send_with_id(message: dict[str, Any]) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
             await send(message)
 
-        async def reject(status_code: int, message: str, code: str) -> None:
-            body = _error_body(message, code)
+        async def reject(status_code: int, message: str, code: str | None, type: str = "invalid_request_error") -> None:
+            body = _error_body(message, code, type)
             await send_with_id({"type": "http.response.start", "status": status_code,
                                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
             await send({"type": "http.response.body", "body": body})
@@ -88,7 +93,13 @@ class RequestMiddleware:
                     return {"type": "http.request", "body": bytes(body), "more_body": False}
                 return await receive()
 
-            await self.app(scope, replay, send_with_id)
+            try:
+                await self.app(scope, replay, send_with_id)
+            except Exception:
+                log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+                if started:
+                    raise  # headers are out: only dropping the connection can tell the client
+                await reject(500, "The server had an error while processing your request.", None, "server_error")
         finally:
             elapsed = time.perf_counter() - start
             self.metrics.requests.labels(route, scope.get("method", ""), str(status)).inc()

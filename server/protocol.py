@@ -3,19 +3,34 @@
 Requests are validated for shape and ranges here (so FastAPI's OpenAPI schema is truthful);
 what depends on the meaning of a conversation (roles, tool names, tool_choice) is checked by
 the renderer, which knows the format. Unknown request fields are rejected like OpenAI does.
+
+Request models are strict: OpenAI answers `"max_tokens": true`, `"temperature": "0.5"` or
+`"stream": "yes"` with a 400 (`invalid_type`), and so do we; pydantic's lax mode would quietly
+coerce them. Integers are still accepted where a number is expected, and a float with no
+fractional part where an integer is (JSON has one number type; JSON Schema calls 2.0 an integer).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+from server.render import TOOL_NAME_PATTERN
+
+
+def _integral(value: Any) -> Any:
+    """2.0 -> 2 (e.g. from a client that only has floats); 2.5 and true still fail as integers."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+_INTEGRAL = BeforeValidator(_integral)  # after the bounds in `Annotated`, or the schema loses them
 
 
 class _Open(BaseModel):
     """Nested objects accept extra keys (clients send e.g. `strict`, `cache_control`)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class ContentPart(_Open):
@@ -44,7 +59,8 @@ class Message(_Open):
 
 
 class FunctionDefinition(_Open):
-    name: str
+    # Checked by the renderer (with a clearer message); stated here so the schema is truthful.
+    name: str = Field(json_schema_extra={"pattern": TOOL_NAME_PATTERN.pattern})
     description: str | None = None
     parameters: dict[str, Any] | None = None
 
@@ -75,7 +91,7 @@ class ChatCompletionRequest(BaseModel):
     """The request body. Fields OpenAI has but this server cannot honour are accepted by the
     schema and refused by `unsupported_fields` with a 400 that names them."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
     messages: list[Message] = Field(min_length=1)
@@ -86,11 +102,19 @@ class ChatCompletionRequest(BaseModel):
     function_call: Literal["none", "auto"] | NamedFunction | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    stop: str | list[str] | None = Field(default=None)
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
-    n: int | None = Field(default=None, ge=1, le=128)
+    max_tokens: Annotated[int, Field(ge=1), _INTEGRAL] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1), _INTEGRAL] | None = None
+    # Checked by `_stop_sequences` (one clear message); the schema states the same limits.
+    stop: str | list[str] | None = Field(
+        default=None,
+        json_schema_extra={"anyOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4},
+            {"type": "null"},
+        ]},
+    )
+    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1), _INTEGRAL] | None = None
+    n: Annotated[int, Field(ge=1, le=128), _INTEGRAL] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
@@ -102,7 +126,7 @@ class ChatCompletionRequest(BaseModel):
     service_tier: str | None = None
     # Known to OpenAI, refused unless neutral (see `unsupported_fields`).
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: Annotated[int, Field(ge=0, le=20), _INTEGRAL] | None = None
     logit_bias: dict[str, float] | None = None
     response_format: ResponseFormat | None = None
 

@@ -23,6 +23,7 @@ from typing import Any, Literal
 from prompts import PromptFormat
 
 TOOL_NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 _SYSTEM_ROLES = ("system", "developer")
 
@@ -193,7 +194,12 @@ def serialize_arguments(arguments: Any, param: str) -> str:
             arguments = json.loads(arguments)
         except json.JSONDecodeError as exc:
             raise RenderError(f"arguments is not valid JSON: {exc}", param) from None
-    return json.dumps(arguments, ensure_ascii=False)
+        except RecursionError:  # "[[[[..." from a client must be a 400, not a 500
+            raise RenderError("arguments is nested too deeply", param) from None
+    try:
+        return json.dumps(arguments, ensure_ascii=False)
+    except RecursionError:
+        raise RenderError("arguments is nested too deeply", param) from None
 
 
 def _call(name: Any, arguments: Any, param: str, args_key: str = "arguments") -> tuple[str, str]:
@@ -214,7 +220,7 @@ def _legacy_function_call(content: Any) -> tuple[Any, Any, str] | None:
         return None
     try:
         obj = json.loads(content)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # too deep to be a call: an ordinary result
         return None
     if not isinstance(obj, dict) or "name" not in obj:
         return None
@@ -456,6 +462,26 @@ def forced_prefix(choice: ToolChoice, fmt: PromptFormat) -> str:
     return ""
 
 
+def check_unicode(value: Any, param: str) -> None:
+    """Reject lone UTF-16 surrogates anywhere in `value` (keys included).
+
+    `"\\ud800"` is valid JSON but not text: no tokenizer can encode it (the fast tokenizer raises
+    TypeError), so it must be a 400 naming the field. Iterative, so deep nesting cannot recurse.
+    """
+    stack: list[tuple[Any, str]] = [(value, param)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                raise RenderError("text must be valid Unicode: it contains a lone UTF-16 surrogate", where)
+        elif isinstance(item, Mapping):
+            for key, sub in reversed(list(item.items())):
+                stack.append((sub, f"{where}.{key}"))
+                stack.append((key, where))
+        elif isinstance(item, (list, tuple)):
+            stack.extend((sub, f"{where}[{i}]") for i, sub in reversed(list(enumerate(item))))
+
+
 def render_prompt(
     messages: Sequence[Any],
     tools: Sequence[Any] | None,
@@ -464,6 +490,8 @@ def render_prompt(
     encoder: PromptEncoder,
 ) -> RenderedPrompt:
     """Render an OpenAI chat request (plain JSON values) into the training prompt."""
+    check_unicode(messages, "messages")
+    check_unicode(tools, "tools")
     specs = normalize_tools(tools)
     choice = normalize_tool_choice(tool_choice, specs)
     items = build_items(messages, specs, choice, fmt)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import pathlib
 import random
-import time
 import unicodedata
 
 import pytest
@@ -118,9 +117,7 @@ def test_tokenizer_files(qwen_tokenizer_dir: pathlib.Path, qwen_tokenizer) -> No
 
 def test_build_is_idempotent(qwen_tokenizer_dir: pathlib.Path) -> None:
     before = {p.name: p.stat().st_mtime_ns for p in qwen_tokenizer_dir.iterdir()}
-    start = time.perf_counter()
-    assert build_qwen_tokenizer(qwen_tokenizer_dir) == qwen_tokenizer_dir
-    assert time.perf_counter() - start < 1.0
+    assert build_qwen_tokenizer(qwen_tokenizer_dir) == qwen_tokenizer_dir  # files untouched: no rebuild
     assert {p.name: p.stat().st_mtime_ns for p in qwen_tokenizer_dir.iterdir()} == before
 
 
