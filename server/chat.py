@@ -280,13 +280,6 @@ class ChatService:
 def _dump(chunk: ChatCompletionChunk) -> str:
     """A chunk as OpenAI sends it: unset delta fields omitted, `finish_reason` always present."""
     data = chunk.model_dump(exclude={"usage"} if chunk.usage is None else set())
-    for choice in data["choices"]:
-        choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
-        for call in choice["delta"].get("tool_calls", []):
-            for key in [k for k, v in call.items() if v is None]:
-                del call[key]
-            if "function" in call:
-                call["function"] = {k: v for k, v in call["function"].items() if v is not None}
-        if "function_call" in choice["delta"]:
-            choice["delta"]["function_call"] = {k: v for k, v in choice["delta"]["function_call"].items() if v is not None}
+    for choice, model in zip(data["choices"], chunk.choices):
+        choice["delta"] = model.delta.model_dump(exclude_none=True)
     return json.dumps(data, ensure_ascii=False, separators=(",", ":"))

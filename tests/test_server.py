@@ -194,6 +194,15 @@ def test_legacy_functions_answer_with_function_call(client):
     choice = response.choices[0]
     assert choice.finish_reason == "function_call"
     assert (choice.message.function_call.name, choice.message.function_call.arguments) == ("get_weather", '{"city": "Paris"}')
+    name, arguments, finish = "", "", None
+    for chunk in client.chat.completions.create(model=MODEL, messages=PARIS, functions=functions, temperature=0, stream=True):
+        for streamed in chunk.choices:
+            assert not streamed.delta.tool_calls
+            if streamed.delta.function_call:
+                name += streamed.delta.function_call.name or ""
+                arguments += streamed.delta.function_call.arguments or ""
+            finish = streamed.finish_reason or finish
+    assert (name, arguments, finish) == ("get_weather", '{"city": "Paris"}', "function_call")
 
 
 def test_models_health_and_unknown_model(client, trained_server):
