@@ -74,6 +74,11 @@ class _ErrorJSONResponse(JSONResponse):
 _TYPE_LABELS = frozenset({"str", "int", "float", "bool", "none", "list", "dict", "literal"})
 
 
+def internal_error() -> APIError:
+    """What a client sees of a bug: OpenAI's 500, no details (they go to the log)."""
+    return APIError(500, "The server had an error while processing your request.", type="server_error")
+
+
 def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
     """('body', 'messages', 3, 'content') -> 'messages[3].content'.
 
@@ -177,4 +182,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return APIError(500, "The server had an error while processing your request.", type="server_error").response()
+        return internal_error().response()

@@ -11,13 +11,13 @@ here, the exception stops here and the connection stays usable.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import secrets
 import time
 from typing import Any
 
+from server.errors import APIError, internal_error
 from server.metrics import Metrics, route_label
 
 log = logging.getLogger("agent_server")
@@ -27,15 +27,14 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 Scope = dict[str, Any]
 
 
-def _error_body(message: str, code: str | None, type: str = "invalid_request_error") -> bytes:
-    return json.dumps({"error": {"message": message, "type": type, "param": None, "code": code}}).encode()
-
-
 class RequestMiddleware:
     def __init__(self, app: Any, metrics: Metrics, max_body_bytes: int) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.too_large = APIError(
+            413, f"Request body is larger than the limit of {max_body_bytes} bytes.", code="request_too_large"
+        )
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -59,16 +58,14 @@ class RequestMiddleware:
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
             await send(message)
 
-        async def reject(status_code: int, message: str, code: str | None, type: str = "invalid_request_error") -> None:
-            body = _error_body(message, code, type)
-            await send_with_id({"type": "http.response.start", "status": status_code,
-                                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
+        async def reject(error: APIError) -> None:
+            await error.response()(scope, receive, send_with_id)
+
 
         try:
             declared = headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > limit:
-                await reject(413, f"Request body is larger than the limit of {limit} bytes.", "request_too_large")
+                await reject(self.too_large)
                 return
             # Buffer the body (bounded) so that a chunked upload over the limit is a 413 too,
             # then replay it; later receive() calls (disconnect detection) go to the server.
@@ -82,7 +79,7 @@ class RequestMiddleware:
                 body += message.get("body", b"")
                 more = message.get("more_body", False)
                 if len(body) > limit:
-                    await reject(413, f"Request body is larger than the limit of {limit} bytes.", "request_too_large")
+                    await reject(self.too_large)
                     return
             replayed = False
 
@@ -99,7 +96,7 @@ class RequestMiddleware:
                 log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
                 if started:
                     raise  # headers are out: only dropping the connection can tell the client
-                await reject(500, "The server had an error while processing your request.", None, "server_error")
+                await reject(internal_error())
         finally:
             elapsed = time.perf_counter() - start
             self.metrics.requests.labels(route, scope.get("method", ""), str(status)).inc()
