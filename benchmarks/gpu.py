@@ -10,7 +10,7 @@ Qwen1.5-4B's shape (hidden 2560, 40 layers, 20 heads, 20 KV heads, intermediate 
 section, so a run cut short still leaves them):
 
 1. ``generate``, batch 1, dynamic cache (plain eager transformers): decode tokens/s;
-2. the server's engine (``server.engine.Engine``, transformers' continuous batching, the same
+2. the server's engine (``server.engine.builtin.BuiltinEngine``, transformers' continuous batching, the same
    settings the server uses), driven directly with asyncio (no HTTP), at 1, 8 and 32 concurrent
    sequences: aggregate tokens/s and the per-sequence step time;
 3. ``generate``, batch 1, static KV cache + ``torch.compile`` (transformers compiles the decode
@@ -232,7 +232,7 @@ def bench_generate(model: Any, device: str, max_tokens: int, repeats: int, stati
 async def _engine_level(engine: Any, concurrency: int, max_tokens: int, vocab: int, seed: int) -> dict[str, Any]:
     import random
 
-    from server.engine import SamplingParams
+    from server.engine.base import SamplingParams
 
     rng = random.Random(seed)
     prompts = [[rng.randrange(100, vocab - 100) for _ in range(PROMPT_LEN)] for _ in range(concurrency)]
@@ -273,13 +273,13 @@ async def _engine_level(engine: Any, concurrency: int, max_tokens: int, vocab: i
 
 def bench_engine(model: Any, max_tokens: int, levels: tuple[int, ...]) -> list[dict[str, Any]]:
     """The server's continuous-batching engine, no HTTP: C sequences submitted at once, all awaited."""
-    from server.engine import Engine
+    from server.engine.builtin import BuiltinEngine
 
-    engine = Engine(model, NoTokenizer(), max_running=max(levels), max_queued=max(levels))
+    engine = BuiltinEngine(model, NoTokenizer(), max_running=max(levels), max_queued=max(levels))
     rows = []
 
     async def drive() -> None:
-        engine.start()
+        engine.start_manager()
         attention = model.config._attn_implementation
         log(f"    engine attention: {attention}, stop ids: {engine.stop_ids}")
         await _engine_level(engine, 2, min(8, max_tokens), model.config.vocab_size, seed=99)  # warm-up
@@ -292,7 +292,7 @@ def bench_engine(model: Any, max_tokens: int, levels: tuple[int, ...]) -> list[d
     try:
         asyncio.run(drive())
     finally:
-        engine.stop()
+        engine.stop_manager()
     return rows
 
 

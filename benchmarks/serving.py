@@ -331,7 +331,7 @@ class RawResult:
 def prompt_ids(tokenizer: Any) -> list[list[int]]:
     """The ids the server feeds the model for each of PROMPTS (same renderer, same format)."""
     from prompts import load_format
-    from server.render import PromptEncoder, render_prompt
+    from server.format.render import PromptEncoder, render_prompt
 
     encoder = PromptEncoder.from_tokenizer(tokenizer)
     fmt = load_format()
@@ -344,7 +344,7 @@ class RawGenerate:
     def __init__(self, model_dir: str, threads: int | None, device: str) -> None:
         import torch
 
-        from server.engine import load_model
+        from server.engine.builtin import load_model
 
         if threads:
             torch.set_num_threads(threads)

@@ -27,7 +27,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from server.app import create_app
+    from server.api.app import create_app
 
     settings = Settings.from_env(**{f.name: getattr(args, f.name) for f in fields(Settings)})
     if not settings.model and not settings.demo:
@@ -38,14 +38,14 @@ def serve(args: argparse.Namespace) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
-        access_log=False,  # server.middleware logs each request with its request id
+        access_log=False,  # server.api.middleware logs each request with its request id
         timeout_graceful_shutdown=5,
     )
 
 
 def merge(args: argparse.Namespace) -> None:
     """Merge a LoRA adapter into its base model and save model + tokenizer (the seed's merge step)."""
-    from server.engine import load_model
+    from server.engine.builtin import load_model
 
     model, tokenizer = load_model(args.base, args.adapter, dtype=args.dtype, device="cpu")
     model.save_pretrained(args.out)

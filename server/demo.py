@@ -8,7 +8,7 @@ Qwen1.5 tokenizer and vocabulary, the real ``Qwen2ForCausalLM`` architecture loa
 a tool result.  A random model would emit noise, so a tiny one is fine-tuned on
 :data:`DEMO_EXAMPLES` until greedy decoding reproduces every answer exactly.
 
-The prompts are rendered with :func:`server.render.render_prompt`, so the model learns exactly the
+The prompts are rendered with :func:`server.format.render.render_prompt`, so the model learns exactly the
 ids the server will feed it; a renderer change that alters those ids makes the demo model (and the
 tests that use it) fail loudly instead of drifting silently.
 """
@@ -29,7 +29,7 @@ import torch
 
 from prompts import load_format
 from server.qwen_tokenizer import ENDOFTEXT, IM_END, SPECIAL_TOKENS, build_qwen_tokenizer
-from server.render import PromptEncoder, fill, render_prompt
+from server.format.render import PromptEncoder, fill, render_prompt
 
 __all__ = [
     "DEMO_SYSTEM",
@@ -179,8 +179,8 @@ _MODEL_SHAPE: dict[str, Any] = {
     "hidden_size": 64,
     "intermediate_size": 256,
     "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
+    "num_attention_heads": 2,  # head_dim 32: vLLM's CPU attention kernels need head_dim >= 32
+    "num_key_value_heads": 1,
     "max_position_embeddings": 4096,
     "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0},  # Qwen1.5's
 }
@@ -381,7 +381,7 @@ def train_demo_model(
 
 #: Bump when this module changes how the model is built or trained in a way the fingerprint below
 #: cannot see (it sees the shapes, the training settings and the exact training ids).
-_DEMO_VERSION = 1
+_DEMO_VERSION = 2
 _DEMO_SEED = 0
 _BUILD_STAMP = "demo_build.json"
 

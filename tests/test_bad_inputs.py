@@ -331,9 +331,9 @@ def test_a_bug_is_a_500_in_openai_shape_and_does_not_escape_the_app():
 
     from fastapi import FastAPI
 
-    from server.errors import install_error_handlers
-    from server.metrics import Metrics
-    from server.middleware import RequestMiddleware
+    from server.api.errors import install_error_handlers
+    from server.api.metrics import Metrics
+    from server.api.middleware import RequestMiddleware
 
     app = FastAPI()
     install_error_handlers(app)

@@ -27,7 +27,7 @@ from server.demo import (
     build_random_model,
     train_demo_model,
 )
-from server.render import PromptEncoder, render_prompt
+from server.format.render import PromptEncoder, render_prompt
 
 GOLDEN = {
     case["name"]: case

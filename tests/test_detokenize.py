@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.detokenize import IncrementalDetokenizer
+from server.format.detokenize import IncrementalDetokenizer
 
 STRATEGIES = ["bytes", "window"]
 

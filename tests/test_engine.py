@@ -7,7 +7,8 @@ import asyncio
 import pytest
 import torch
 
-from server.engine import Engine, EngineOverloaded, SamplingParams, StepOutput, load_model
+from server.engine.base import EngineOverloaded, SamplingParams, StepOutput
+from server.engine.builtin import BuiltinEngine, load_model
 
 
 @pytest.fixture(scope="module")
@@ -25,13 +26,13 @@ def loaded(tiny_model_dir):
 @pytest.fixture()
 def engine(loaded):
     model, tokenizer = loaded
-    eng = Engine(model, tokenizer, max_running=4, max_queued=2, max_model_len=512)
-    eng.start()
+    eng = BuiltinEngine(model, tokenizer, max_running=4, max_queued=2, max_model_len=512)
+    eng.start_manager()
     yield eng
-    eng.stop()
+    eng.stop_manager()
 
 
-async def collect(engine: Engine, ids: list[int], params: SamplingParams) -> tuple[list[int], str | None]:
+async def collect(engine: BuiltinEngine, ids: list[int], params: SamplingParams) -> tuple[list[int], str | None]:
     tokens: list[int] = []
     finish = None
     async for step in engine.submit(ids, params):

@@ -42,7 +42,7 @@ def _openapi() -> dict:
     `Function._nodeid`, which pytest 9 no longer has. `test_served_schema_is_the_one_fuzzed` checks
     that the server really serves this schema.
     """
-    from server.app import create_app
+    from server.api.app import create_app
     from server.settings import Settings
 
     return create_app(Settings()).openapi()

@@ -1,19 +1,22 @@
 """Bounded loopback load: admission control, disconnects and recovery, CI-sized.
 
-64 concurrent clients against `--max-running 4 --max-queued 8` (so some get 429) mix plain and
-streamed requests, streams dropped after their first chunk, non-streamed requests abandoned
-before the answer, and invalid requests. Every request must get a well-formed answer, a 400 for
-the invalid ones, or a 429 with Retry-After; never a 5xx. /health is polled throughout and must
-stay fast. Afterwards the server holds no sequence (running and queued gauges back to 0; a
-cancelled sequence is released asynchronously, so /metrics is polled a bounded number of times)
-and its RSS is back near where it started.
+Nothing here depends on the machine's speed. Overload is made, not hoped for: streams of ~4000
+tokens fill every running slot and queue place (checked on the gauges) before the requests that
+must get 429 are sent. Then 64 concurrent clients against `--max-running 4 --max-queued 8` mix
+plain and streamed requests, streams dropped after their first chunk, non-streamed requests
+abandoned before the answer, and invalid requests: every request must get a well-formed answer,
+a 400 for the invalid ones, or a 429 with Retry-After (whether any does depends on timing, so it
+is allowed, not required); never a 5xx. /health is polled throughout. Afterwards the server holds
+no sequence (running and queued gauges back to 0; a cancelled sequence is released
+asynchronously, so /metrics is polled a bounded number of times) and its RSS is back near where
+it started.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import random
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -138,22 +141,76 @@ KINDS = [plain, plain, lambda h: streamed(h, drop_after_first=False), lambda h: 
          abandoned, invalid]
 
 
+MAX_RUNNING, MAX_QUEUED = 4, 8
+
+
 @pytest.fixture(scope="module")
 def server(start_server, tiny_model_dir):
     running = start_server(
-        "--model", str(tiny_model_dir), "--max-model-len", "256", "--max-running", "4", "--max-queued", "8"
+        "--model", str(tiny_model_dir), "--max-model-len", "4096",
+        "--max-running", str(MAX_RUNNING), "--max-queued", str(MAX_QUEUED),
     )
     yield running
     running.stop()
 
 
-def test_mixed_load_with_429s_disconnects_and_recovery(server):
+async def wait_for_gauges(http: httpx.AsyncClient, running: float, queued: float, attempts: int = 2000) -> None:
+    """Poll /metrics (bounded: each poll is a real round trip) until the gauges read the given values."""
+    for _ in range(attempts):
+        metrics = (await http.get("/metrics")).text
+        if (gauge(metrics, "agent_server_requests_running"), gauge(metrics, "agent_server_requests_queued")) == (running, queued):
+            return
+    raise AssertionError(f"gauges never reached running={running} queued={queued}:\n{metrics}")
+
+
+async def hold_stream(http: httpx.AsyncClient, stack: contextlib.AsyncExitStack) -> httpx.Response:
+    """Open a long stream (up to ~4000 tokens) and hold it without reading: it keeps its slot until closed."""
+    response = await stack.enter_async_context(
+        http.stream("POST", "/v1/chat/completions", json=body(stream=True, max_tokens=4000, temperature=0))
+    )
+    assert response.status_code == 200
+    return response
+
+
+def test_full_server_refuses_then_recovers(server):
+    """Fill every slot deterministically, check that more requests get 429, release, check recovery."""
+
+    async def run() -> None:
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as http, \
+                httpx.AsyncClient(base_url=server.url, timeout=30) as monitor:
+            async with contextlib.AsyncExitStack() as held:
+                streams = [await hold_stream(http, held) for _ in range(MAX_RUNNING + MAX_QUEUED)]
+                # Every slot is taken and every queue place filled: nothing can be admitted until a
+                # held stream ends, and none ends before ~4000 tokens or our closing it.
+                await wait_for_gauges(monitor, MAX_RUNNING, MAX_QUEUED)
+                assert_429(await http.post("/v1/chat/completions", json=body()))
+                async with http.stream("POST", "/v1/chat/completions", json=body(stream=True)) as refused:
+                    await refused.aread()
+                    assert_429(refused)  # refused before any stream starts: a plain JSON 429
+                assert_error(await http.post("/v1/chat/completions", json=body(temperature=5)), 400)  # validation first
+                assert (await monitor.get("/health")).status_code == 200
+                # Read a chunk from one running stream, then drop them all mid-generation.
+                lines = streams[0].aiter_lines()
+                while not (await lines.__anext__()).startswith("data: "):
+                    pass
+                await lines.aclose()
+            await wait_until_idle(monitor)
+            assert_completion((await http.post("/v1/chat/completions", json=body())).json())
+            metrics = (await monitor.get("/metrics")).text
+            assert float(re.findall(r"^agent_server_completion_tokens_total (\S+)$", metrics, re.M)[0]) < 12 * 4000
+
+    asyncio.run(run())
+
+
+def test_mixed_load_with_disconnects_and_recovery(server):
+    """64 clients at once: whatever the timing, every answer is well-formed (200, 400 or 429), never a 5xx."""
     process = psutil.Process(server.proc.pid)
 
     async def run() -> None:
         limits = httpx.Limits(max_connections=CLIENTS + 8, max_keepalive_connections=0)
         async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as http, \
-                httpx.AsyncClient(base_url=server.url, timeout=5) as monitor:
+                httpx.AsyncClient(base_url=server.url, timeout=30) as monitor:
             assert (await http.post("/v1/chat/completions", json=body())).status_code == 200  # warm-up
             start_rss = process.memory_info().rss
 
@@ -166,27 +223,18 @@ def test_mixed_load_with_429s_disconnects_and_recovery(server):
                     response = await monitor.get("/health")
                     assert response.status_code == 200 and response.json() == {"status": "ok"}
                     health_polls += 1
-                    await asyncio.sleep(0.05)
-
-            rng = random.Random(1234)
-
-            async def client(i: int) -> Outcome:
-                await asyncio.sleep(rng.uniform(0, 1.5))
-                return await KINDS[i % len(KINDS)](http)
+                    await asyncio.sleep(0.05)  # pacing only: no assertion depends on it
 
             poller = asyncio.ensure_future(poll_health())
             try:
-                outcomes = await asyncio.wait_for(asyncio.gather(*(client(i) for i in range(CLIENTS))), timeout=120)
+                outcomes = await asyncio.gather(*(KINDS[i % len(KINDS)](http) for i in range(CLIENTS)))
             finally:
                 done.set()
             await poller
 
             statuses = {(o.kind, o.status) for o in outcomes}
             assert all(o.status < 500 for o in outcomes), statuses
-            assert any(o.status == 429 for o in outcomes), "the load must exceed max_running + max_queued"
-            for kind in ("plain", "stream", "dropped"):
-                assert (kind, 200) in statuses, f"no {kind} request got through: {statuses}"
-            assert health_polls >= 2, "/health was answered throughout the load"  # each poll asserted 200
+            assert health_polls >= 1, "/health was answered during the load"  # each poll asserted 200
 
             await wait_until_idle(monitor)
             metrics = (await monitor.get("/metrics")).text

@@ -17,5 +17,5 @@ def test_wheel_contains_the_prompt_format(tmp_path):
     wheel = next(tmp_path.glob("agent_server-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "prompts/qwen_react_v0.6.3.toml" in names
-    assert "server/render.py" in names and "prompts/__init__.py" in names
+    assert "server/format/render.py" in names and "prompts/__init__.py" in names
     assert not any(n.startswith("tests/") for n in names)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.parse import (
+from server.format.parse import (
     ContentDelta,
     StreamingParser,
     ToolCallArguments,

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prompts import available_formats, load_format
-from server.render import PromptEncoder, RenderError, render_prompt
+from server.format.render import PromptEncoder, RenderError, render_prompt
 
 GOLDEN = json.loads((pathlib.Path(__file__).parent / "data" / "render_cases.json").read_text("utf-8"))
 FMT = load_format()
@@ -177,7 +177,7 @@ def test_bad_requests_raise_one_typed_error_with_param(messages, tools, tool_cho
 
 
 def test_parser_markers_match_the_format():
-    from server.parse import ACTION, ACTION_INPUT
+    from server.format.parse import ACTION, ACTION_INPUT
 
     call = FMT.function_call.replace("{name}", "f").replace("{arguments}", "{}")
     assert call == f"{ACTION} f\n{ACTION_INPUT} {{}}"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from server.sampling import PerRequestSampler, SamplingParams, _RequestSampler
+from server.engine.base import SamplingParams
+from server.engine.sampling import PerRequestSampler, _RequestSampler
 
 
 def test_openai_penalties_are_additive_over_generated_tokens():

@@ -4,7 +4,7 @@ Generation runs in transformers' continuous-batching manager (paged KV cache, se
 leave at step boundaries, its own background thread), so the event loop never blocks on the
 model. This module adds what a server needs around it:
 
-* per-request sampling, seeds, penalties and forced tool names (`server.sampling`);
+* per-request sampling, seeds, penalties and forced tool names (`server.engine.sampling`);
 * admission control: at most `max_running` sequences in the batch and `max_queued` waiting;
   beyond that `EngineOverloaded` (the HTTP layer answers 429 with Retry-After);
 * cancellation: closing a `Generation` (client gone, stop string, parser done) cancels the
@@ -19,36 +19,19 @@ import asyncio
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, ContinuousBatchingConfig, GenerationConfig
 
-from server.sampling import PerRequestSampler, SamplingParams, install
+from server.engine.base import Engine, EngineError, Generation, SamplingParams, StepOutput
+from server.engine.sampling import PerRequestSampler, install
 
-__all__ = ["Engine", "EngineError", "EngineOverloaded", "Generation", "SamplingParams", "StepOutput", "load_model"]
+__all__ = ["BuiltinEngine", "load_model"]
 
 log = logging.getLogger("agent_server.engine")
 
 DEFAULT_MAX_MODEL_LEN = 4096
-
-
-class EngineOverloaded(Exception):
-    """No room for another request right now."""
-
-
-class EngineError(Exception):
-    """Generation failed inside the engine (not the request's fault)."""
-
-
-@dataclass(frozen=True)
-class StepOutput:
-    """New tokens of one sequence (stop token removed); `finish_reason` on the last one."""
-
-    token_ids: list[int]
-    finish_reason: Literal["stop", "length"] | None = None
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
@@ -100,8 +83,10 @@ def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
-class Engine:
-    """Continuous batching over one model; `submit` is the only way in."""
+class BuiltinEngine(Engine):
+    """transformers' continuous batching over one model, in this process."""
+
+    name = "builtin"
 
     def __init__(
         self,
@@ -115,12 +100,11 @@ class Engine:
         page_size: int = 32,
         max_batch_tokens: int = 512,
     ) -> None:
+        super().__init__(max_running=max_running, max_queued=max_queued)
         self.model = model
         self.tokenizer = tokenizer
         context = getattr(model.config, "max_position_embeddings", None) or DEFAULT_MAX_MODEL_LEN
         self.max_model_len = min(max_model_len or min(context, DEFAULT_MAX_MODEL_LEN), context)
-        self.max_running = max_running
-        self.max_queued = max_queued
         self.kv_cache_tokens = max(kv_cache_tokens or 4 * self.max_model_len, self.max_model_len)
         self.page_size = page_size
         self.max_batch_tokens = max_batch_tokens
@@ -128,14 +112,14 @@ class Engine:
         self.sampler = PerRequestSampler()
         self._manager: Any = None
         self._slots: asyncio.Semaphore | None = None
-        self.admitted = 0  # running + waiting
-        self.running = 0
 
-    @property
-    def queued(self) -> int:
-        return self.admitted - self.running
+    async def start(self) -> None:
+        self.start_manager()
 
-    def start(self) -> None:
+    async def stop(self) -> None:
+        self.stop_manager()
+
+    def start_manager(self) -> None:
         """Start the manager's thread (idempotent; also used to recover after a crash)."""
         if self._manager is not None and self._manager.is_running():
             return
@@ -161,7 +145,7 @@ class Engine:
         install(self._manager, self.sampler)
         self._manager.start()
 
-    def stop(self) -> None:
+    def stop_manager(self) -> None:
         """Stop the thread (it is not a daemon: without this the process cannot exit)."""
         if self._manager is not None:
             self._manager.stop(block=True, hard_stop=True)
@@ -172,71 +156,48 @@ class Engine:
         status = getattr(self._manager, "background_thread_status", None)
         return getattr(status, "fatal_error", None)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Generation:
-        """Admit a request now (or raise EngineOverloaded); tokens come from the returned handle."""
-        if len(prompt_ids) + params.max_new_tokens > self.max_model_len:
-            raise ValueError("prompt + max_new_tokens exceeds max_model_len")  # callers check first
-        if self.admitted >= self.max_running + self.max_queued:
-            raise EngineOverloaded(f"{self.running} requests running and {self.queued} queued")
+    def _generation(self, prompt_ids: list[int], params: SamplingParams) -> BuiltinGeneration:
         if self._slots is None:
-            self._slots = asyncio.Semaphore(self.max_running)
-        self.admitted += 1
-        return Generation(self, prompt_ids, params)
+            self._slots = asyncio.Semaphore(self.max_running)  # bound to the serving event loop
+        return BuiltinGeneration(self, prompt_ids, params)
 
 
-class Generation:
-    """One sequence in the engine: an async iterator of `StepOutput`; `aclose()` cancels it.
+class BuiltinGeneration(Generation):
+    """One sequence in the manager; its results arrive on an asyncio queue from the manager's thread."""
 
-    It holds its admission until it finishes or is closed; a handle dropped unused releases it
-    when garbage-collected.
-    """
+    _engine: BuiltinEngine
 
-    def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams) -> None:
-        self._engine = engine
-        self._prompt_ids = list(prompt_ids)
-        self._params = params
+    def __init__(self, engine: BuiltinEngine, prompt_ids: list[int], params: SamplingParams) -> None:
+        super().__init__(engine, prompt_ids, params)
         self._id = uuid.uuid4().hex
         self._queue: asyncio.Queue[Any] | None = None
         self._seen = 0
-        self._running = False
-        self._done = False
-
-    def __aiter__(self) -> AsyncIterator[StepOutput]:
-        return self
 
     async def _begin(self) -> None:
         engine = self._engine
         assert engine._slots is not None
         await engine._slots.acquire()
-        self._running = True
-        engine.running += 1
-        engine.start()  # no-op unless the manager died
+        self._mark_running()
+        engine.start_manager()  # no-op unless the manager died
         self._queue = asyncio.Queue()
-        engine.sampler.register(self._id, self._params)
+        engine.sampler.register(self._id, self.params)
         engine._manager.register_result_handler(self._id, self._queue.put_nowait)
         accepted = engine._manager.add_request(
-            self._prompt_ids,
+            self.prompt_ids,
             request_id=self._id,
-            max_new_tokens=self._params.max_new_tokens,
+            max_new_tokens=self.params.max_new_tokens,
             streaming=True,
             eos_token_id=engine.stop_ids,
         )
         if accepted is None:
             raise EngineError("the generation engine is not accepting requests")
 
-    async def __anext__(self) -> StepOutput:
-        if self._done:
-            raise StopAsyncIteration
-        try:
-            if self._queue is None:
-                await self._begin()
-            assert self._queue is not None
-            output = await self._queue.get()
-        except BaseException:
-            await self.aclose()
-            raise
+    async def _next(self) -> StepOutput:
+        if self._queue is None:
+            await self._begin()
+        assert self._queue is not None
+        output = await self._queue.get()
         if output.error is not None:
-            await self.aclose()
             raise EngineError(str(output.error))
         tokens = list(output.generated_tokens[self._seen :])
         self._seen = len(output.generated_tokens)
@@ -245,31 +206,18 @@ class Generation:
         reason: Literal["stop", "length"] = "length"
         if tokens and tokens[-1] in self._engine.stop_ids:
             tokens, reason = tokens[:-1], "stop"
-        elif self._seen < self._params.max_new_tokens:
+        elif self._seen < self.params.max_new_tokens:
             reason = "stop"
-        self._release(finished=True)
         return StepOutput(tokens, reason)
 
-    async def aclose(self) -> None:
-        """Cancel the sequence if it is still in the engine, and give back its admission."""
-        self._release(finished=False)
-
-    def _release(self, *, finished: bool) -> None:
-        if self._done:
-            return
-        self._done = True
+    def _cancel(self, *, finished: bool) -> None:
         engine = self._engine
         if self._queue is not None:
             if not finished and engine._manager is not None:
                 engine._manager.cancel_request(self._id)
                 engine._manager.output_router.result_handlers.pop(self._id, None)
             engine.sampler.forget(self._id)
-        if self._running:
-            engine.running -= 1
-            assert engine._slots is not None
-            engine._slots.release()
-        engine.admitted -= 1
 
-    def __del__(self) -> None:
-        if not self._done:
-            self._release(finished=False)
+    def _on_slot_released(self) -> None:
+        assert self._engine._slots is not None
+        self._engine._slots.release()

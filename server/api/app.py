@@ -16,12 +16,13 @@ from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse
 
 from prompts import load_format
-from server.chat import ChatService
-from server.engine import Engine, load_model
-from server.errors import APIError, install_error_handlers
-from server.metrics import Metrics
-from server.middleware import RequestMiddleware
-from server.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse, ModelCard, ModelList
+from server.api.chat import ChatService
+from server.engine.base import Engine
+from server.engine.builtin import BuiltinEngine, load_model
+from server.api.errors import APIError, install_error_handlers
+from server.api.metrics import Metrics
+from server.api.middleware import RequestMiddleware
+from server.api.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse, ModelCard, ModelList
 from server.settings import Settings
 
 log = logging.getLogger("agent_server")
@@ -47,7 +48,7 @@ def build_engine(settings: Settings) -> Engine:
     if not model_path:
         raise SystemExit("no model: pass --model DIR (or --demo)")
     model, tokenizer = load_model(model_path, settings.adapter, dtype=settings.dtype, device=settings.device)
-    engine = Engine(
+    engine = BuiltinEngine(
         model,
         tokenizer,
         max_model_len=settings.max_model_len,
@@ -56,7 +57,6 @@ def build_engine(settings: Settings) -> Engine:
         kv_cache_tokens=settings.kv_cache_tokens,
         max_batch_tokens=settings.max_batch_tokens,
     )
-    engine.start()
     log.info(
         "serving %s from %s on %s (%s), max_model_len=%d",
         settings.served_model_name, model_path, model.device, model.dtype, engine.max_model_len,
@@ -76,6 +76,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = engine is None
         active = build_engine(settings) if owned else engine
+        await active.start()
         app.state.engine = active
         app.state.chat = ChatService(active, load_format(), settings.served_model_name, metrics)
         metrics.running.set_function(lambda: active.running)
@@ -85,7 +86,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             yield
         finally:
             if owned:
-                active.stop()
+                await active.stop()
 
     metrics = Metrics()
     app = FastAPI(title="agent-server", version="0.1.0", lifespan=lifespan, responses=_ERRORS)
@@ -111,8 +112,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     Auth = Depends(require_api_key)
 
     @app.get("/health", include_in_schema=True)
-    async def health() -> dict[str, str]:
-        """200 once the model is loaded (the server only listens after that)."""
+    async def health(request: Request) -> dict[str, str]:
+        """200 once the model is loaded (the server only listens after that); 503 while the engine is down."""
+        active: Engine = request.app.state.engine
+        if not active.available:
+            raise APIError(503, f"The {active.name} engine is unavailable.", code="engine_unavailable")
         return {"status": "ok"}
 
     @app.get("/metrics", include_in_schema=False)

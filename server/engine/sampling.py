@@ -18,29 +18,12 @@ the same order as the score rows, right before `__call__`, on its own thread.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessor
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """What one request asks of generation."""
-
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    # Token sequences the output must start with one of (empty: unconstrained).
-    forced_choices: tuple[tuple[int, ...], ...] = ()
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_p == 0
+from server.engine.base import SamplingParams
 
 
 class _RequestSampler:

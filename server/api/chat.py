@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from prompts import PromptFormat
-from server.detokenize import IncrementalDetokenizer
-from server.engine import Engine, EngineError, EngineOverloaded, Generation, SamplingParams
-from server.errors import APIError
-from server.metrics import Metrics
-from server.parse import ACTION, ContentDelta, StreamEvent, StreamingParser, ToolCallArguments, ToolCallStart
-from server.protocol import (
+from server.format.detokenize import IncrementalDetokenizer
+from server.engine.base import Engine, EngineError, EngineOverloaded, EngineUnavailable, Generation, SamplingParams
+from server.api.errors import APIError
+from server.api.metrics import Metrics
+from server.format.parse import ACTION, ContentDelta, StreamEvent, StreamingParser, ToolCallArguments, ToolCallStart
+from server.api.protocol import (
     AssistantMessage,
     ChatCompletion,
     ChatCompletionChunk,
@@ -33,8 +33,8 @@ from server.protocol import (
     ToolCallOut,
     Usage,
 )
-from server.render import PromptEncoder, RenderError, RenderedPrompt, render_prompt
-from server.stop import StopMatcher
+from server.format.render import PromptEncoder, RenderError, RenderedPrompt, render_prompt
+from server.format.stop import StopMatcher
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,12 @@ def _legacy_tools(req: ChatCompletionRequest) -> tuple[list[dict[str, Any]] | No
         fc = req.function_call
         tool_choice = fc if isinstance(fc, str) else {"type": "function", "function": {"name": fc.name}}
     return tools, tool_choice
+
+
+def engine_unavailable(exc: Exception) -> APIError:
+    """503 in OpenAI's shape: the engine is down or unreachable; clients retry."""
+    return APIError(503, f"The generation engine is unavailable ({exc}). Please retry shortly.",
+                    code="engine_unavailable", headers={"Retry-After": "5"})
 
 
 class ChatService:
@@ -160,6 +166,8 @@ class ChatService:
                 code="server_busy",
                 headers={"Retry-After": "1"},
             ) from None
+        except EngineUnavailable as exc:
+            raise engine_unavailable(exc) from None
 
     async def _run(self, chat: PreparedChat, generation: Generation, outcome: _Outcome) -> AsyncIterator[StreamEvent]:
         """Generate and parse; closing this generator early cancels the sequence in the engine."""

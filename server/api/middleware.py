@@ -17,8 +17,8 @@ import secrets
 import time
 from typing import Any
 
-from server.errors import APIError, internal_error
-from server.metrics import Metrics, route_label
+from server.api.errors import APIError, internal_error
+from server.api.metrics import Metrics, route_label
 
 log = logging.getLogger("agent_server")
 access_log = logging.getLogger("agent_server.access")

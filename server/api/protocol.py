@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
-from server.render import TOOL_NAME_PATTERN
+from server.format.render import TOOL_NAME_PATTERN
 
 
 def _integral(value: Any) -> Any:

@@ -1,0 +1,1 @@
+"""HTTP layer: OpenAI wire models, request logic, routes, errors, middleware, metrics."""
