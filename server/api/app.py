@@ -47,6 +47,7 @@ def build_engine(settings: Settings) -> Engine:
         model_path = str(build_demo_model(settings.demo_cache))
     if not model_path:
         raise SystemExit("no model: pass --model DIR (or --demo)")
+    log.info("loading model from %s%s", model_path, f" with LoRA adapter {settings.adapter}" if settings.adapter else "")
     model, tokenizer = load_model(model_path, settings.adapter, dtype=settings.dtype, device=settings.device)
     engine = BuiltinEngine(
         model,
