@@ -1,7 +1,7 @@
 """The judge's BFCL AST rules, without a model.
 
-Function documents and possible answers are BFCL's own (BFCL v4 entries, quoted by id), so each test
-states what BFCL's checker decides for that answer.
+Function documents and possible answers are BFCL v4 entries (simple_python_0, parallel_multiple_179) or
+modelled on them, and each test states what BFCL's checker (ported rule for rule) decides.
 """
 
 from __future__ import annotations

@@ -332,4 +332,6 @@ def load_dataset(spec: str) -> Dataset:
     if not sep or kind not in _LOADERS or not path:
         raise ValueError(f"--dataset {spec!r}: expected KIND:PATH with KIND one of {', '.join(KINDS)}")
     file = pathlib.Path(path)
+    if not file.is_file():
+        raise DatasetError(file, None, "no such file")
     return Dataset(file.stem, kind, path, _LOADERS[kind](file))
