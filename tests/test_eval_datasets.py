@@ -59,6 +59,12 @@ def test_bfcl_case_is_what_bfcls_openai_handler_sends(tmp_path: pathlib.Path) ->
     assert (case.expected.kind, case.expected.alternatives) == ("calls", [[{"math_factorial": {"number": [5]}}]])
 
 
+def test_bfcl_without_the_language_hint_sends_descriptions_as_written(tmp_path: pathlib.Path) -> None:
+    path = bfcl_file(tmp_path, answers=[{"id": "simple_python_0", "ground_truth": [{"math.factorial": {"number": [5]}}]}])
+    (case,) = load_dataset(f"bfcl:{path}", bfcl_language_hint=False).cases
+    assert case.tools[0]["function"]["description"] == BFCL_FUNCTION["description"]
+
+
 @pytest.mark.parametrize(("category", "kind"), [("irrelevance", "no_call"), ("live_irrelevance", "no_call"), ("live_relevance", "any_call")])
 def test_bfcl_relevance_files_need_no_answers(tmp_path: pathlib.Path, category: str, kind: str) -> None:
     (case,) = load_dataset(f"bfcl:{bfcl_file(tmp_path, category)}").cases

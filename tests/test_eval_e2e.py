@@ -2,7 +2,9 @@
 
 The data files are written here, in each format, from chats the demo model answers
 (``server.demo.DEMO_EXAMPLES``): with the right expected calls every case must score, with wrong
-expected values none may.
+expected values none may.  The demo model knows its chats' prompts byte for byte, so the runs pass
+``--no-bfcl-hint`` (BFCL's hint sentence in each description would make them prompts it never saw;
+the hinted conversion itself is tested in test_eval_judge.py and test_eval_datasets.py).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ def write_glaive(folder: pathlib.Path, wrong: bool) -> pathlib.Path:
             row["system"] = system
         rows.append(row)
     path = folder / "demo_glaive.json"
+    folder.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows, ensure_ascii=False, indent=2), encoding="utf-8")
     return path
 
@@ -102,7 +105,7 @@ def run_eval(base_url: str, folder: pathlib.Path, wrong: bool, report: pathlib.P
         f"bfcl:{write_bfcl(folder / 'bfcl', wrong)}",
         f"acebench:{write_acebench(folder / 'acebench', wrong)}",
     ]
-    args = ["--base-url", base_url + "/v1", "--report", str(report), "--concurrency", "2", "--no-progress"]
+    args = ["--base-url", base_url + "/v1", "--report", str(report), "--concurrency", "2", "--no-progress", "--no-bfcl-hint"]
     done = run_cli(*args, *(a for spec in datasets for a in ("--dataset", spec)))
     assert done.returncode == 0, done.stderr
     assert "| **overall** |" in done.stdout

@@ -39,6 +39,12 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
         help=f"a data file; KIND is one of {', '.join(KINDS)} (repeatable)",
     )
     cmd.add_argument("--report", metavar="OUT.json", help="where to write the JSON report")
+    cmd.add_argument(
+        "--no-bfcl-hint",
+        action="store_true",
+        help="send BFCL function descriptions as written, without the ' Note that the provided function is in "
+        "Python 3 syntax.' BFCL appends (its include_language_specific_hint=False)",
+    )
     cmd.add_argument("--limit", type=int, help="only the first N cases of each dataset")
     cmd.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (default 4)")
     cmd.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0)")
@@ -66,7 +72,7 @@ def _run(args: argparse.Namespace) -> None:
 
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be at least 1")
-    datasets = [load_dataset(spec) for spec in args.dataset]  # every file is checked before any request
+    datasets = [load_dataset(spec, bfcl_language_hint=not args.no_bfcl_hint) for spec in args.dataset]  # every file is checked before any request
     if args.limit is not None:
         datasets = [dataclasses.replace(d, cases=d.cases[: args.limit]) for d in datasets]
     options = ClientOptions(
@@ -90,6 +96,7 @@ def _run(args: argparse.Namespace) -> None:
         "temperature": args.temperature,
         "max_tokens": args.max_tokens,
         "limit": args.limit,
+        "bfcl_language_hint": not args.no_bfcl_hint,
         "concurrency": args.concurrency,
         "started_at": datetime.datetime.fromtimestamp(started, datetime.UTC).isoformat(timespec="seconds"),
         "duration_s": round(time.time() - started, 2),

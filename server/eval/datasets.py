@@ -137,8 +137,9 @@ def _bfcl_answers(path: pathlib.Path) -> dict[str, tuple[int, list[Any]]]:
     return answers
 
 
-def load_bfcl(path: pathlib.Path) -> list[Case]:
-    """A BFCL v4 single-turn file; answers from ``possible_answer/<same name>`` unless (ir)relevance."""
+def load_bfcl(path: pathlib.Path, *, language_hint: bool = True) -> list[Case]:
+    """A BFCL v4 single-turn file; answers from ``possible_answer/<same name>`` unless (ir)relevance.
+    ``language_hint`` is bfcl_eval's ``include_language_specific_hint`` (on in BFCL's own runs)."""
     category = _bfcl_category(path)
     if "irrelevance" in category:
         expect_kind = "no_call"
@@ -156,7 +157,7 @@ def load_bfcl(path: pathlib.Path) -> list[Case]:
             raise DatasetError(path, line, f"{case_id}: only single-turn entries (one list of messages) are supported")
         functions = _field(record, "function", list, path, line)
         _check_functions(functions, path, line)
-        hinted = with_python_hint(functions)
+        hinted = with_python_hint(functions) if language_hint else functions
         judged = [{**f, "name": openai_name(f["name"])} for f in hinted]
         expected = Expected(expect_kind)
         if expect_kind == "calls":
@@ -323,15 +324,16 @@ def load_acebench(path: pathlib.Path) -> list[Case]:
 
 # ---------------------------------------------------------------------------------------------
 
-_LOADERS: dict[str, Callable[[pathlib.Path], list[Case]]] = {"bfcl": load_bfcl, "glaive": load_glaive, "acebench": load_acebench}
+_LOADERS: dict[str, Callable[[pathlib.Path], list[Case]]] = {"glaive": load_glaive, "acebench": load_acebench}
 
 
-def load_dataset(spec: str) -> Dataset:
+def load_dataset(spec: str, *, bfcl_language_hint: bool = True) -> Dataset:
     """``KIND:PATH`` -> its cases (KIND is one of :data:`KINDS`)."""
     kind, sep, path = spec.partition(":")
-    if not sep or kind not in _LOADERS or not path:
+    if not sep or kind not in KINDS or not path:
         raise ValueError(f"--dataset {spec!r}: expected KIND:PATH with KIND one of {', '.join(KINDS)}")
     file = pathlib.Path(path)
     if not file.is_file():
         raise DatasetError(file, None, "no such file")
-    return Dataset(file.stem, kind, path, _LOADERS[kind](file))
+    cases = load_bfcl(file, language_hint=bfcl_language_hint) if kind == "bfcl" else _LOADERS[kind](file)
+    return Dataset(file.stem, kind, path, cases)
