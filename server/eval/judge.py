@@ -69,6 +69,8 @@ class Verdict:
 
 
 class Check(NamedTuple):
+    """One BFCL checker result: ``error`` and ``error_type`` as BFCL words them."""
+
     valid: bool
     error: str = ""
     error_type: str = ""

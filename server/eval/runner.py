@@ -22,14 +22,13 @@ from server.eval.judge import ToolCall, Verdict, judge
 @dataclass(frozen=True)
 class Result:
     """One case's answer: the calls and text the server returned, BFCL's verdict and the request latency
-    (``None`` when the request failed; then ``error`` says why)."""
+    (``None`` when the request failed: then the verdict is ``request_error`` and its detail says why)."""
 
     case: Case
     verdict: Verdict
     calls: list[ToolCall]
     content: str | None
     latency_s: float | None
-    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -70,10 +69,10 @@ async def _run_one(client: openai.AsyncOpenAI, case: Case, model: str, options: 
     try:
         response = await client.chat.completions.create(**request_body(case, model, options))
     except openai.OpenAIError as exc:
-        return Result(case, Verdict(False, "request_error", str(exc)), [], None, None, f"{type(exc).__name__}: {exc}")
+        return Result(case, Verdict(False, "request_error", f"{type(exc).__name__}: {exc}"), [], None, None)
     latency = time.perf_counter() - started
     if not response.choices:
-        return Result(case, Verdict(False, "request_error", "no choices in the response"), [], None, latency, "no choices")
+        return Result(case, Verdict(False, "request_error", "no choices in the response"), [], None, latency)
     message = response.choices[0].message
     calls = [ToolCall(c.function.name, c.function.arguments) for c in message.tool_calls or [] if c.type == "function"]
     return Result(case, judge(case.functions, case.expected, calls), calls, message.content, latency)
