@@ -171,6 +171,7 @@ def test_unreachable_server_is_counted_as_request_errors_not_fatal(tmp_path: pat
         (["--base-url", "http://x/v1", "--report", "r.json"], "--dataset required"),
         (["--base-url", "http://x/v1", "--report", "r.json", "--dataset", "bfcl:/nonexistent/BFCL_v4_simple.json"], "BFCL_v4_simple.json: no such file"),
         (["--compare", "/nonexistent/a.json", "/nonexistent/b.json"], "a.json: no such file"),
+        (["--base-url", "http://x/v1", "--report", "r.json", "--dataset", "glaive:x.json", "--concurrency", "0"], "--concurrency must be at least 1"),
     ],
 )
 def test_bad_arguments_exit_with_a_clear_message(args: list[str], message: str) -> None:

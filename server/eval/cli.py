@@ -72,7 +72,10 @@ def _run(args: argparse.Namespace) -> None:
 
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be at least 1")
-    datasets = [load_dataset(spec, bfcl_language_hint=not args.no_bfcl_hint) for spec in args.dataset]  # every file is checked before any request
+    if args.concurrency < 1:
+        raise ValueError("--concurrency must be at least 1")
+    # Every file is read and checked before the first request.
+    datasets = [load_dataset(spec, bfcl_language_hint=not args.no_bfcl_hint) for spec in args.dataset]
     if args.limit is not None:
         datasets = [dataclasses.replace(d, cases=d.cases[: args.limit]) for d in datasets]
     options = ClientOptions(

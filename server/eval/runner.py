@@ -84,7 +84,7 @@ async def run_cases(cases: Sequence[Case], options: ClientOptions, *, concurrenc
         base_url=options.base_url, api_key=options.api_key, timeout=options.timeout_s, max_retries=options.max_retries
     ) as client:
         model = await resolve_model(client, options.model)
-        limiter = asyncio.Semaphore(max(1, concurrency))
+        limiter = asyncio.Semaphore(concurrency)
         with tqdm(total=len(cases), desc="eval", unit="req", disable=not progress) as bar:
 
             async def bounded(case: Case) -> Result:
