@@ -11,6 +11,7 @@ import pytest
 from server.eval.bfcl_types import PYTHON_HINT
 from server.eval.cases import DatasetError
 from server.eval.datasets import load_dataset
+from server.eval.judge import ToolCall, judge
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -257,3 +258,58 @@ def test_every_shared_data_file_loads() -> None:
     assert counts["BFCL_v4_simple_python"] == 400 and counts["BFCL_v4_live_irrelevance"] == 884
     assert counts["glaive_toolcall_zh_demo"] == 216  # function_call turns; rows 197 and 293 have none
     assert counts["data_normal_single_turn_parallel_function"] == 100 and counts["data_special_irrelevant"] == 50
+
+
+def _first(values: list[Any]) -> Any:
+    return next((v for v in values if v != ""), "")
+
+
+def _replay(answers: list[dict[str, Any]]) -> list[ToolCall]:
+    """The calls a perfect model would make for one alternative: each parameter's first acceptable
+    value (dict answers one level deep, as the possible-answer shape has them); optional ones left out."""
+
+    def value(values: list[Any]) -> Any:
+        v = _first(values)
+        if isinstance(v, dict):
+            return {k: _first(x) for k, x in v.items() if _first(x) != ""}
+        if isinstance(v, list) and v and all(isinstance(i, dict) and all(isinstance(x, list) for x in i.values()) for i in v):
+            return [{k: _first(x) for k, x in i.items() if _first(x) != ""} for i in v]
+        return v
+
+    return [
+        ToolCall(name, json.dumps({p: value(v) for p, v in params.items() if _first(v) != ""}, ensure_ascii=False))
+        for answer in answers
+        for name, params in answer.items()
+    ]
+
+
+#: Published answers that break their own function's schema (a required parameter left out, or a
+#: parameter the function does not have): BFCL's rules fail them too.
+_SELF_INCONSISTENT = {
+    "live_multiple_507-149-4",
+    "live_multiple_862-181-3",
+    "live_multiple_964-207-0",
+    "live_simple_106-63-0",
+    "live_simple_112-68-0",
+    "parallel_multiple_12",
+    "parallel_multiple_26",
+    "glaive_toolcall_en_demo_188_1",
+    "glaive_toolcall_zh_demo_21_5",
+    "glaive_toolcall_zh_demo_144_5",
+    "normal_atom_object_short_1",
+}
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not beside this checkout")
+def test_published_answers_replayed_are_judged_correct() -> None:
+    """Every published expected answer (BFCL, glaive, ACEBench), sent back as the model's calls, passes
+    the judge; the only exceptions are answers that violate their own schema."""
+    failing = {}
+    for kind, folder in (("bfcl", "bfcl"), ("glaive", "glaive"), ("acebench", "acebench_zh")):
+        for path in sorted((SHARED_DATA / folder).glob("*.json")):
+            for case in load_dataset(f"{kind}:{path}").cases:
+                if case.expected.kind == "calls":
+                    result = judge(case.functions, case.expected, _replay(case.expected.alternatives[0]))
+                    if not result.correct:
+                        failing[case.id] = result.outcome
+    assert failing == dict.fromkeys(_SELF_INCONSISTENT, "invalid_call")
