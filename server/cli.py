@@ -1,4 +1,4 @@
-"""`agent-server serve|merge` (also `python -m server`)."""
+"""`agent-server serve|merge|eval` (also `python -m server`)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import sys
 from dataclasses import MISSING, fields
 
+from server.eval.cli import add_eval_parser, run_eval
 from server.settings import ENV_PREFIX, Settings
 
 
@@ -62,5 +63,6 @@ def main(argv: list[str] | None = None) -> None:
     merge_cmd.add_argument("--adapter", required=True, help="LoRA adapter directory (peft)")
     merge_cmd.add_argument("--out", required=True, help="output directory")
     merge_cmd.add_argument("--dtype", default="auto", help="auto (fp32 on CPU), float32, bfloat16, float16")
+    add_eval_parser(sub)
     args = parser.parse_args(argv)
-    {"serve": serve, "merge": merge}[args.command](args)
+    {"serve": serve, "merge": merge, "eval": run_eval}[args.command](args)
