@@ -162,8 +162,7 @@ class ChatService:
             seed=req.seed,
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
-            forced_choices=() if grammar else tuple(tuple(self.encoder.encode_text(c)) for c in prompt.forced_choices),
-            grammar=grammar.lark if grammar else None,
+            grammar=grammar.lark if grammar else None,  # tool_choice required/named always has one
         )
         return PreparedChat(
             id="chatcmpl-" + secrets.token_urlsafe(18).replace("-", "x").replace("_", "y"),
