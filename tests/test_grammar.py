@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from prompts import load_format
 from server.format.grammar import Grammar, GrammarError, build_grammar
-from server.format.render import ToolChoice
+from server.format.render import RenderError, ToolChoice
 
 FMT = load_format()
 VOCAB, EOS = 151936, 151645
@@ -274,3 +274,37 @@ def test_auto_strict_calls_in_training_format_are_accepted(accepts, calls, pream
     text = preamble + FMT.content_separator + FMT.call_separator.join(blocks)
     assert accepts(g, text)
     assert not accepts(g, text.replace("Action: get_", "Action: got_", 1))
+
+
+schema_like = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats(allow_nan=False) | st.sampled_from(
+        ["object", "string", "integer", "array", "number", "boolean", "null", "#/$defs/x", "^a+$", "date-time"]),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.sampled_from(
+        ["type", "properties", "items", "required", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs",
+         "minimum", "maxLength", "pattern", "format", "additionalProperties", "uniqueItems", "x", "not"]), children,
+        max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(parameters=st.dictionaries(st.sampled_from(["type", "properties", "required", "$defs", "anyOf", "items"]),
+                                  schema_like, max_size=3))
+def test_any_schema_is_a_grammar_or_a_grammar_error(parameters):
+    """Whatever a client sends as a schema, the answer is a grammar or a 400, never a crash."""
+    tools = [tool("f", parameters)]
+    try:
+        g = grammar(ToolChoice("required"), tools=tools)
+    except RenderError as err:  # the renderer's own checks (it runs first in the server) or GrammarError
+        assert err.param.startswith("tools[0].function.parameters")
+        return
+    from llguidance import LLMatcher
+
+    assert LLMatcher.validate_grammar(g.lark) == ""
+    try:
+        g = grammar(ToolChoice("none"), tools=None,
+                    response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": parameters}})
+    except GrammarError as err:
+        assert err.param == "response_format.json_schema.schema"
+        return
+    assert LLMatcher.validate_grammar(g.lark) == ""
