@@ -59,7 +59,6 @@ class Grammar:
 class _Tool:
     name: str
     schema: Mapping[str, Any]  # the arguments' JSON Schema, already checked
-    param: str  # where it came from, for error messages
 
 
 def _lit(text: str) -> str:
@@ -121,24 +120,20 @@ def _tools(
     for i, (spec, raw) in enumerate(zip(specs, raw_tools or ())):
         if only is not None and spec.name != only:
             continue
-        param = f"tools[{i}].function.parameters"
-        strict = raw.get("function", {}).get("strict") is True or strict_all
-        if enforce or strict:
+        if enforce or _strict(raw, strict_all):
+            param = f"tools[{i}].function.parameters"
             schema = _arguments_schema(spec.parameters, param, spec.name)
             _check_schema(schema, param, f"tool {spec.name!r}")
         else:
             schema = {"type": "object"}
-        tools.append(_Tool(spec.name, schema, param))
+        tools.append(_Tool(spec.name, schema))
     return tools
 
 
-def _any_strict(raw_tools: Sequence[Any] | None, strict_all: bool) -> bool:
-    if not raw_tools:
-        return False
-    return strict_all or any(
-        isinstance(t, Mapping) and isinstance(t.get("function"), Mapping) and t["function"].get("strict") is True
-        for t in raw_tools
-    )
+def _strict(raw_tool: Any, strict_all: bool) -> bool:
+    """`strict: true` on the tool (OpenAI's place: `function.strict`), or `--strict-tools`."""
+    function = raw_tool.get("function") if isinstance(raw_tool, Mapping) else None
+    return strict_all or (isinstance(function, Mapping) and function.get("strict") is True)
 
 
 def _response_schema(response_format: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
@@ -229,7 +224,7 @@ def build_grammar(
     if mode == "none":
         return None if answer is None else Grammar(f"start: answer\nanswer: {_json_rule(answer)}\n", calls=False)
     # auto
-    strict = _any_strict(tools, strict_tools)
+    strict = any(_strict(t, strict_tools) for t in tools or ())
     if answer is None and not strict:
         return None  # today's tolerant parse
     trigger = _trigger(fmt)
