@@ -27,6 +27,9 @@ class Settings:
     kv_cache_tokens: int | None = field(default=None, metadata={"help": "paged KV cache size in tokens (default 4 x max_model_len)"})
     max_batch_tokens: int = field(default=512, metadata={"help": "tokens per engine step (prefill chunk)"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
+    strict_tools: bool = field(
+        default=False, metadata={"help": "hold auto-mode tool calls to their schemas, as if every tool had strict: true"}
+    )
     api_key: str | None = field(default=None, metadata={"help": "require 'Authorization: Bearer KEY' on /v1/*"})
     max_body_bytes: int = field(default=4 * 1024 * 1024, metadata={"help": "largest request body accepted (413 beyond)"})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning, error"})

@@ -69,6 +69,10 @@ def tools(*functions: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"type": "function", "function": f} for f in functions]
 
 
+def _schema(properties: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"type": "object", "properties": properties, **extra}
+
+
 def assert_error_shape(response: httpx.Response) -> dict[str, Any]:
     """The OpenAI error envelope, exactly: four keys, typed; returns the inner object."""
     assert response.headers["content-type"].startswith("application/json"), response.headers
@@ -226,8 +230,19 @@ BAD = [
     Bad("seed_beyond_int64", 400, "invalid_value", "seed", body=chat(seed=2**64)),
     Bad("logprobs_true", 400, "unsupported_parameter", "logprobs", body=chat(logprobs=True)),
     Bad("logit_bias", 400, "unsupported_parameter", "logit_bias", body=chat(logit_bias={"100": 5})),
-    Bad("response_format_json_object", 400, "unsupported_parameter", "response_format",
-        body=chat(response_format={"type": "json_object"})),
+    # --- constrained decoding: a schema the grammar cannot enforce is named, never approximated ---
+    Bad("response_format_unknown_type", 400, "invalid_value", "response_format.type",
+        body=chat(response_format={"type": "xml"})),
+    Bad("response_format_json_schema_missing", 400, "invalid_value", "response_format",
+        body=chat(response_format={"type": "json_schema"})),
+    Bad("response_format_schema_with_not", 400, "invalid_value", "response_format.json_schema.schema",
+        body=chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}})),
+    Bad("required_tool_with_unique_items", 400, "invalid_value", "tools[0].function.parameters",
+        body=chat(tools=tools({"name": "f", "parameters": _schema({"a": {"type": "array", "uniqueItems": True}})}),
+                  tool_choice="required")),
+    Bad("strict_tool_with_if_then", 400, "invalid_value", "tools[1].function.parameters",
+        body=chat(tools=tools({"name": "f"}, {"name": "g", "strict": True, "parameters": _schema(
+            {"a": {"if": {"type": "string"}, "then": {"maxLength": 2}}})}))),
     # --- routes ------------------------------------------------------------------------------
     Bad("unknown_route", 404, "unknown_url", None, body=chat(), path="/v1/completions"),
     Bad("unknown_model_card", 404, "model_not_found", "model", method="GET", path="/v1/models/gpt-4o"),
@@ -277,10 +292,6 @@ def test_error_messages_echoing_lone_surrogates_are_valid_json(http: httpx.Clien
     assert_still_serving(http)
 
 
-def _schema(properties: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    return {"type": "object", "properties": properties, **extra}
-
-
 UNUSUAL_BUT_VALID = {
     "numeric_and_mixed_enum": chat(tools=tools({"name": "f", "parameters": _schema(
         {"level": {"type": "integer", "enum": [1, 2, 3]}, "ratio": {"enum": [0.5, None, True, "x", {"k": 1}]}})})),
@@ -304,6 +315,9 @@ UNUSUAL_BUT_VALID = {
     "four_stop_sequences_and_nulls": chat(stop=["a", "b", "c", "d"], temperature=None, top_p=None, seed=None),
     "integer_temperature": chat(temperature=1, top_p=1),
     "integral_float_max_tokens": chat(max_tokens=1.0, seed=7.0),  # JSON Schema: 1.0 is an integer
+    "response_format_json_object": chat(response_format={"type": "json_object"}),
+    "response_format_json_schema_with_tools": chat(tools=[TOOL], response_format={
+        "type": "json_schema", "json_schema": {"name": "a", "strict": True, "schema": _schema({"a": {"type": "integer"}})}}),
 }
 
 

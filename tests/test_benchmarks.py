@@ -91,3 +91,9 @@ def test_gpu_bandwidth_lookup() -> None:
     assert bandwidth_for("NVIDIA H100 PCIe") == 2.0
     assert bandwidth_for("NVIDIA GH200 480GB") == 4.0
     assert bandwidth_for("Some Future GPU") is None
+
+
+def test_grammar_benchmark_runs(tiny_model_dir: pathlib.Path) -> None:
+    proc = _run(["benchmarks.grammar", "--model", str(tiny_model_dir), "--concurrency", "2", "--requests", "2",
+                 "--max-tokens", "8"], timeout=300)
+    assert "ms/token grammar" in proc.stdout and "tokenizer set-up" in proc.stdout

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 import torch
 
 from server.engine.base import EngineOverloaded, SamplingParams, StepOutput
 from server.engine.builtin import BuiltinEngine, load_model
+from server.format.grammar import JSON_WHITESPACE
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +84,32 @@ def test_forced_choices_constrain_the_first_tokens(engine, loaded):
     tokens, _ = asyncio.run(collect(engine, tokenizer.encode("Action:"), SamplingParams(max_new_tokens=12, temperature=0,
                                                                                         forced_choices=choices)))
     assert any(tuple(tokens[: len(c)]) == c for c in choices)
+
+
+def test_grammar_holds_each_sequence_of_a_mixed_batch(engine, loaded):
+    """Constrained (greedy and sampled) and free sequences side by side: each keeps its own matcher."""
+    import jsonschema
+
+    _, tokenizer = loaded
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                               "tag": {"enum": ["a", "b", None]}}, "required": ["n", "tag"],
+              "additionalProperties": False}
+    grammar = 'start: " " %json ' + json.dumps({**schema, "x-guidance": JSON_WHITESPACE})
+    params = [SamplingParams(max_new_tokens=40, temperature=0, grammar=grammar),
+              SamplingParams(max_new_tokens=40, temperature=1.0, seed=5, grammar=grammar),
+              SamplingParams(max_new_tokens=40, temperature=0.8, top_p=0.5, seed=6, grammar=grammar),
+              SamplingParams(max_new_tokens=8, temperature=0)]
+
+    async def main():
+        return await asyncio.gather(*[collect(engine, tokenizer.encode(p), sp) for p, sp in zip(PROMPTS, params)])
+
+    results = asyncio.run(main())
+    for tokens, finish in results[:3]:
+        text = tokenizer.decode(tokens)
+        assert finish == "stop" and text.startswith(" {")
+        jsonschema.validate(json.loads(text), schema)
+    assert results[3][1] in ("stop", "length")
+    assert len(engine.sampler) == 0
 
 
 def test_cancel_frees_the_slot_within_a_step(engine, loaded):

@@ -23,7 +23,7 @@ MODEL = "Qwen1.5-4B-agent"
 MAX_TOKENS = 4
 # Schema-valid, but a documented 400 here (tested in test_bad_inputs): dropped from positive cases so
 # that more of them get through rendering to the model.
-REFUSED_BY_DESIGN = ("logprobs", "top_logprobs", "logit_bias", "response_format", "n", "functions", "function_call")
+REFUSED_BY_DESIGN = ("logprobs", "top_logprobs", "logit_bias", "n", "functions", "function_call")
 CHECKS = [not_a_server_error, response_schema_conformance, status_code_conformance]
 
 

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.format.parse import (
+    ACTION,
     ContentDelta,
     StreamingParser,
     ToolCallArguments,
@@ -192,3 +193,83 @@ def test_stream_equals_non_stream(data, max_calls, tools_offered):
     if parser.done:
         consumed = parser.text
         assert calls_of(parse_output(consumed, names, max_calls)) == calls
+
+
+# ---------------------------------------------------------------------------------------------
+# Constrained mode: output generated under a grammar (server/format/grammar.py).
+
+
+def test_constrained_call_is_announced_at_its_name_and_arguments_stream():
+    parser = StreamingParser(NAMES, constrained=True)
+    events = parser.feed("Action: get_weather\nAction Input:")  # the forced prefix of a named call
+    assert [type(e) for e in events] == [ToolCallStart]
+    deltas = [' {"ci', 'ty": "Pa', 'ris"}']
+    fragments = [e.fragment for d in deltas for e in parser.feed(d)]
+    assert fragments == ['{"ci', 'ty": "Pa', 'ris"}']
+    assert parser.finish() == [] and not parser.cut_in_call
+    assert calls_of(parser.result()) == [("get_weather", '{"city": "Paris"}')]
+
+
+def test_constrained_arguments_are_passed_through_as_written():
+    out = parse_output('Action: get_weather\nAction Input: {"city": "\\u5317"}', NAMES, constrained=True)
+    assert calls_of(out) == [("get_weather", '{"city": "\\u5317"}')]
+
+
+@pytest.mark.parametrize(
+    ("text", "calls"),
+    [
+        ('Action: get_weather\nAction Input: {"city": "Pa', [("get_weather", '{"city": "Pa')]),
+        ("Action: get_weather\nAction In", [("get_weather", "")]),
+        ("Action: get_wea", []),
+    ],
+)
+def test_constrained_cut_in_call_is_reported(text, calls):
+    parser = StreamingParser(NAMES, constrained=True)
+    parser.feed(text)
+    parser.finish()
+    assert parser.cut_in_call
+    assert calls_of(parser.result()) == calls
+    assert parser.result().content in (None, "")
+
+
+def test_constrained_preamble_and_parallel_calls():
+    text = 'Let me see.\nAction: get_weather\nAction Input: {"city": "Paris"}\nAction: get-time\nAction Input: {}'
+    out = parse_output(text, NAMES, constrained=True)
+    assert out.content == "Let me see."
+    assert calls_of(out) == [("get_weather", '{"city": "Paris"}'), ("get-time", "{}")]
+    assert calls_of(parse_output(text, NAMES, 1, constrained=True)) == [("get_weather", '{"city": "Paris"}')]
+
+
+@st.composite
+def constrained_outputs(draw) -> str:
+    """What a grammar lets through (optionally cut short by max_tokens), or, rarely, anything."""
+    if draw(st.integers(0, 9)) == 0:
+        return draw(outputs())
+    preamble = draw(st.sampled_from(["", "Sure.\n", "好的 \n", "Ac tion\n"]))
+    calls = [
+        f"Action: {draw(st.sampled_from(NAMES))}\nAction Input: "
+        + json.dumps(draw(json_objects), ensure_ascii=draw(st.booleans()))
+        for _ in range(draw(st.integers(1, 3)))
+    ]
+    text = preamble + "\n".join(calls)
+    return text[: draw(st.integers(0, len(text)))] if draw(st.booleans()) else text
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.data(), max_calls=st.sampled_from([None, 1]))
+def test_constrained_stream_equals_non_stream(data, max_calls):
+    text = data.draw(constrained_outputs())
+    deltas = data.draw(splits(text))
+    parser = StreamingParser(NAMES, max_calls, constrained=True)
+    events = [e for d in deltas for e in parser.feed(d)] + parser.finish()
+    content = "".join(e.text for e in events if isinstance(e, ContentDelta))
+    starts = [e for e in events if isinstance(e, ToolCallStart)]
+    assert [s.index for s in starts] == list(range(len(starts)))
+    calls = [(s.name, "".join(a.fragment for a in events if isinstance(a, ToolCallArguments) and a.index == s.index))
+             for s in starts]
+    expected = parse_output(text, NAMES, max_calls, constrained=True)
+    assert calls == calls_of(expected)
+    assert (content if content or not calls else None) == expected.content
+    assert calls_of(parser.result()) == calls
+    if not calls:
+        assert content == text.strip() or ACTION in text  # nothing lost, unless a call header was cut

@@ -79,7 +79,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         active = build_engine(settings) if owned else engine
         await active.start()
         app.state.engine = active
-        app.state.chat = ChatService(active, load_format(), settings.served_model_name, metrics)
+        app.state.chat = ChatService(
+            active, load_format(), settings.served_model_name, metrics, strict_tools=settings.strict_tools
+        )
         metrics.running.set_function(lambda: active.running)
         metrics.queued.set_function(lambda: active.queued)
         app.state.started = int(time.time())

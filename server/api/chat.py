@@ -33,6 +33,7 @@ from server.api.protocol import (
     ToolCallOut,
     Usage,
 )
+from server.format.grammar import Grammar, build_grammar
 from server.format.render import PromptEncoder, RenderError, RenderedPrompt, render_prompt
 from server.format.stop import StopMatcher
 
@@ -51,6 +52,7 @@ class PreparedChat:
     include_usage: bool
     legacy_functions: bool  # answer with `function_call`, as OpenAI does for `functions` requests
     started: float  # time.perf_counter() when the request was prepared
+    constrained_calls: bool = False  # a grammar holds the calls: stream them as they are generated
 
 
 @dataclass
@@ -77,6 +79,22 @@ def _legacy_tools(req: ChatCompletionRequest) -> tuple[list[dict[str, Any]] | No
     return tools, tool_choice
 
 
+def request_grammar(
+    req: ChatCompletionRequest, tools: list[dict[str, Any]] | None, prompt: RenderedPrompt, fmt: PromptFormat,
+    strict_tools: bool,
+) -> Grammar | None:
+    """The grammar this request's answer must match (None: unconstrained); raises GrammarError."""
+    return build_grammar(
+        tools=tools,
+        tool_choice=prompt.tool_choice,
+        forced_prefix=prompt.forced_prefix,
+        response_format=req.response_format.model_dump(exclude_none=True) if req.response_format else None,
+        parallel_tool_calls=False if req.functions is not None else req.parallel_tool_calls,
+        fmt=fmt,
+        strict_tools=strict_tools,
+    )
+
+
 def engine_unavailable(exc: Exception) -> APIError:
     """503 in OpenAI's shape: the engine is down or unreachable; clients retry."""
     return APIError(503, f"The generation engine is unavailable ({exc}). Please retry shortly.",
@@ -86,8 +104,11 @@ def engine_unavailable(exc: Exception) -> APIError:
 class ChatService:
     """Turns requests into completions on one engine with one prompt format."""
 
-    def __init__(self, engine: Engine, fmt: PromptFormat, served_model_name: str, metrics: Metrics) -> None:
+    def __init__(
+        self, engine: Engine, fmt: PromptFormat, served_model_name: str, metrics: Metrics, *, strict_tools: bool = False
+    ) -> None:
         self.engine = engine
+        self.strict_tools = strict_tools  # `--strict-tools`: every tool as if it had `strict: true`
         self.metrics = metrics
         self.fmt = fmt
         self.model_name = served_model_name
@@ -109,6 +130,7 @@ class ChatService:
         messages = [m.model_dump(exclude_none=True) for m in req.messages]
         try:
             prompt = render_prompt(messages, tools, tool_choice, self.fmt, self.encoder)
+            grammar = request_grammar(req, tools, prompt, self.fmt, self.strict_tools)
         except RenderError as exc:
             raise APIError(400, exc.message, param=exc.param, code="invalid_value") from None
         limit = self.engine.max_model_len
@@ -140,7 +162,7 @@ class ChatService:
             seed=req.seed,
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
-            forced_choices=tuple(tuple(self.encoder.encode_text(c)) for c in prompt.forced_choices),
+            grammar=grammar.lark if grammar else None,  # tool_choice required/named always has one
         )
         return PreparedChat(
             id="chatcmpl-" + secrets.token_urlsafe(18).replace("-", "x").replace("_", "y"),
@@ -148,11 +170,12 @@ class ChatService:
             model=self.model_name,
             prompt=prompt,
             params=params,
-            stops=req.stop_sequences(),
+            stops=[] if grammar else req.stop_sequences(),  # under a grammar, it decides where the answer ends
             max_calls=1 if req.parallel_tool_calls is False or req.functions is not None else None,
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
             legacy_functions=req.functions is not None,
             started=time.perf_counter(),
+            constrained_calls=bool(grammar and grammar.calls),
         )
 
     def submit(self, chat: PreparedChat) -> Generation:
@@ -171,7 +194,7 @@ class ChatService:
 
     async def _run(self, chat: PreparedChat, generation: Generation, outcome: _Outcome) -> AsyncIterator[StreamEvent]:
         """Generate and parse; closing this generator early cancels the sequence in the engine."""
-        parser = StreamingParser(chat.prompt.tool_names, chat.max_calls)
+        parser = StreamingParser(chat.prompt.tool_names, chat.max_calls, constrained=chat.constrained_calls)
         detok = IncrementalDetokenizer(self.engine.tokenizer, skip_special_tokens=True)
         stops = StopMatcher(chat.stops)
         finish = "stop"
@@ -198,7 +221,8 @@ class ChatService:
         for event in parser.finish():
             yield event
         calls = parser.result().tool_calls
-        outcome.finish_reason = "tool_calls" if calls else finish
+        # A max_tokens cut inside a constrained call: its arguments are incomplete, say so.
+        outcome.finish_reason = "length" if finish == "length" and parser.cut_in_call else "tool_calls" if calls else finish
         self.metrics.prompt_tokens.inc(len(chat.prompt.ids))
         self.metrics.completion_tokens.inc(outcome.completion_tokens)
         self.metrics.tool_calls.inc(len(calls))

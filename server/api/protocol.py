@@ -63,6 +63,8 @@ class FunctionDefinition(_Open):
     name: str = Field(json_schema_extra={"pattern": TOOL_NAME_PATTERN.pattern})
     description: str | None = None
     parameters: dict[str, Any] | None = None
+    # True: auto-mode calls of this tool are held to `parameters` by a grammar (required/named always are).
+    strict: bool | None = None
 
 
 class Tool(_Open):
@@ -84,7 +86,10 @@ class StreamOptions(_Open):
 
 
 class ResponseFormat(_Open):
-    type: str
+    """`json_schema` is `{"name", "schema", "strict", "description"}`; server.format.grammar checks it."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
 
 
 class ChatCompletionRequest(BaseModel):
@@ -152,8 +157,6 @@ class ChatCompletionRequest(BaseModel):
             refused.append("top_logprobs")
         if self.logit_bias:
             refused.append("logit_bias")
-        if self.response_format is not None and self.response_format.type != "text":
-            refused.append("response_format")
         if self.n is not None and self.n > 1:
             refused.append("n")
         return refused

@@ -5,6 +5,8 @@ leave at step boundaries, its own background thread), so the event loop never bl
 model. This module adds what a server needs around it:
 
 * per-request sampling, seeds, penalties and forced tool names (`server.engine.sampling`);
+* grammars (`SamplingParams.grammar`): an llguidance matcher per sequence
+  (`server.engine.guidance`), its tokenizer built on the first request that has one;
 * admission control: at most `max_running` sequences in the batch and `max_queued` waiting;
   beyond that `EngineOverloaded` (the HTTP layer answers 429 with Retry-After);
 * cancellation: closing a `Generation` (client gone, stop string, parser done) cancels the
@@ -25,6 +27,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, ContinuousBatchingConfig, GenerationConfig
 
 from server.engine.base import Engine, EngineError, Generation, SamplingParams, StepOutput
+from server.engine.guidance import GrammarCompiler
 from server.engine.sampling import PerRequestSampler, install
 
 __all__ = ["BuiltinEngine", "load_model"]
@@ -83,6 +86,14 @@ def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
+def end_of_turn_id(model: Any, tokenizer: Any) -> int:
+    """The token that ends an assistant turn (`<|im_end|>` in ChatML): where a grammar ends."""
+    token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+        return token_id
+    return tokenizer.eos_token_id
+
+
 class BuiltinEngine(Engine):
     """transformers' continuous batching over one model, in this process."""
 
@@ -110,6 +121,9 @@ class BuiltinEngine(Engine):
         self.max_batch_tokens = max_batch_tokens
         self.stop_ids = stop_token_ids(model, tokenizer)
         self.sampler = PerRequestSampler()
+        self.grammars = GrammarCompiler(
+            tokenizer, vocab_size=model.get_output_embeddings().weight.shape[0], eos_id=end_of_turn_id(model, tokenizer)
+        )
         self._manager: Any = None
         self._slots: asyncio.Semaphore | None = None
 
@@ -178,9 +192,15 @@ class BuiltinGeneration(Generation):
         assert engine._slots is not None
         await engine._slots.acquire()
         self._mark_running()
+        grammar = None
+        if self.params.grammar is not None:  # first time: ~2 s of tokenizer set-up, off the event loop
+            try:
+                grammar = await asyncio.to_thread(engine.grammars.compile, self.params.grammar)
+            except ValueError as exc:
+                raise EngineError(str(exc)) from None
         engine.start_manager()  # no-op unless the manager died
         self._queue = asyncio.Queue()
-        engine.sampler.register(self._id, self.params)
+        engine.sampler.register(self._id, self.params, grammar)
         engine._manager.register_result_handler(self._id, self._queue.put_nowait)
         accepted = engine._manager.add_request(
             self.prompt_ids,

@@ -5,6 +5,10 @@ requests, and no per-request logits processors. This processor plugs into its lo
 list and handles each row of the batch with that row's own request settings:
 
 * OpenAI presence/frequency penalties (additive, over the tokens generated so far);
+* a grammar (`SamplingParams.grammar`): an llguidance matcher per sequence
+  (`server.engine.guidance`) is fed the sequence's new tokens in `prepare_tensor_args` and masks
+  its row before anything else, so top-p never sees a disallowed token (an all -inf row would be
+  NaN);
 * a forced choice (`tool_choice: required`): the first tokens must follow one of the given token
   sequences (the tool names), enforced by masking to the children of a token trie;
 * temperature/top-p sampling with a per-request `torch.Generator` (so `seed` is reproducible
@@ -24,11 +28,14 @@ import torch
 from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessor
 
 from server.engine.base import SamplingParams
+from server.engine.guidance import SequenceGrammar
 
 
 class _RequestSampler:
-    def __init__(self, params: SamplingParams) -> None:
+    def __init__(self, params: SamplingParams, grammar: SequenceGrammar | None = None) -> None:
         self.params = params
+        self.grammar = grammar
+        self.mask: torch.Tensor | None = None  # allowed tokens for the coming step, under `grammar`
         self.generator: torch.Generator | None = None
         if not params.greedy:
             self.generator = torch.Generator()
@@ -53,6 +60,8 @@ class _RequestSampler:
 
     def process(self, row: torch.Tensor, generated: list[int]) -> torch.Tensor:
         p = self.params
+        if self.mask is not None:
+            row = torch.where(self.mask.to(row.device), row, float("-inf"))  # 2x faster than masked_fill(~mask)
         if (p.presence_penalty or p.frequency_penalty) and generated:
             ids = torch.tensor(generated, dtype=torch.long, device=row.device)
             counts = torch.bincount(ids, minlength=row.numel())[: row.numel()].to(row.dtype)
@@ -91,11 +100,12 @@ class PerRequestSampler(ContinuousBatchingLogitsProcessor):
         self._samplers: dict[str, _RequestSampler] = {}
         self._rows: list[Any] = []
 
-    def register(self, request_id: str, params: SamplingParams) -> None:
-        if params.greedy and not params.forced_choices and not params.presence_penalty and not params.frequency_penalty:
+    def register(self, request_id: str, params: SamplingParams, grammar: SequenceGrammar | None = None) -> None:
+        plain = not (params.forced_choices or params.presence_penalty or params.frequency_penalty or grammar)
+        if params.greedy and plain:
             return  # plain greedy: the manager's own argmax
         with self._lock:
-            self._samplers[request_id] = _RequestSampler(params)
+            self._samplers[request_id] = _RequestSampler(params, grammar)
 
     def forget(self, request_id: str) -> None:
         with self._lock:
@@ -109,6 +119,11 @@ class PerRequestSampler(ContinuousBatchingLogitsProcessor):
 
     def prepare_tensor_args(self, requests_with_new_token: list[Any]) -> torch.Tensor:
         self._rows = [r.state for r in requests_with_new_token]
+        with self._lock:
+            constrained = [(s, self._samplers.get(s.request_id)) for s in self._rows]
+        for state, sampler in constrained:
+            if sampler is not None and sampler.grammar is not None:
+                sampler.mask = sampler.grammar.allowed(list(state.generated_tokens))
         return torch.zeros(len(requests_with_new_token), dtype=torch.int32)
 
     def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,13 @@ invent an `Observation:`). If the *first* block names an unknown tool or carries
 non-object JSON (also when `max_tokens` cut it short), the whole output is content: never invalid
 JSON in `arguments`, never lost text. A call is streamed once its JSON is complete and valid (one
 announcement chunk, then its arguments): a call announced earlier could not be taken back.
+
+Constrained mode (`constrained=True`, for output generated under a grammar from
+`server.format.grammar`): the grammar guarantees the exact call syntax and valid arguments, so a
+call is announced as soon as the line with its name ends and its arguments are streamed as they
+are generated (the JSON text as written, never re-serialized). JSON under the grammar has no raw
+newline, so the arguments are the rest of the line. Only a `max_tokens` cut can leave a call
+unfinished: `StreamingParser.cut_in_call` says so, and the API reports `finish_reason: "length"`.
 """
 
 from __future__ import annotations
@@ -85,8 +92,9 @@ class _Block(Enum):
 @dataclass(frozen=True)
 class _Scan:
     content: str
-    calls: tuple[tuple[str, str], ...]  # (name, arguments)
+    calls: tuple[tuple[str, str], ...]  # (name, arguments); in constrained mode the last may still grow
     done: bool  # no further text can change the result
+    cut_in_call: bool = False  # constrained mode: the text ends inside a call (header or arguments)
 
 
 def _skip_ws(text: str, i: int) -> int:
@@ -160,16 +168,21 @@ def _block(
     return (_Block.COMPLETE, name, arguments, end, closed)
 
 
+def _no_call_yet(text: str, final: bool) -> _Scan:
+    """Text without `Action:`: all content, except a partial marker at the end while streaming."""
+    if final:
+        return _Scan(text.strip(), (), True)
+    safe = len(text) - _partial_suffix(text, ACTION)
+    return _Scan(text[:safe].strip(), (), False)
+
+
 def _scan(text: str, names: Collection[str], max_calls: int | None, final: bool) -> _Scan:
     """The decided part of the parse of `text` (all of it when `final`)."""
     if not names:  # tools not offered: plain text, passed through untouched
         return _Scan(text, (), final)
     start = text.find(ACTION)
     if start < 0:
-        if final:
-            return _Scan(text.strip(), (), True)
-        safe = len(text) - _partial_suffix(text, ACTION)
-        return _Scan(text[:safe].strip(), (), False)
+        return _no_call_yet(text, final)
     preamble = text[:start].strip()
     calls: list[tuple[str, str]] = []
     pos = start
@@ -195,14 +208,68 @@ def _scan(text: str, names: Collection[str], max_calls: int | None, final: bool)
         return _Scan(preamble, tuple(calls), True)
 
 
+def _scan_constrained(text: str, names: Collection[str], max_calls: int | None, final: bool) -> _Scan:
+    """Like `_scan`, for text whose calls follow a grammar: a call counts from the end of its name's
+    line, with the arguments written so far. Text breaking the format (the grammar rules that out)
+    is handled like `_scan` does: an unknown first name makes everything content, later ones are
+    dropped."""
+    if not names:
+        return _Scan(text, (), final)
+    start = text.find(ACTION)
+    if start < 0:
+        return _no_call_yet(text, final)
+    preamble = text[:start].strip()
+    calls: list[tuple[str, str]] = []
+    pos = start
+    while True:
+        newline = text.find("\n", pos + len(ACTION))
+        if newline < 0:  # the name is still being written
+            return _Scan(preamble, tuple(calls), final, cut_in_call=True)
+        name = text[pos + len(ACTION) : newline].strip()
+        if name not in names:
+            if not calls:
+                return _Scan(text.strip(), (), final)
+            return _Scan(preamble, tuple(calls), True)
+        body = newline + 1
+        if not text.startswith(ACTION_INPUT, body):
+            calls.append((name, ""))
+            header_arriving = ACTION_INPUT.startswith(text[body:])
+            return _Scan(preamble, tuple(calls), final or not header_arriving, cut_in_call=True)
+        j = body + len(ACTION_INPUT)
+        j += text.startswith(" ", j)
+        end = text.find("\n", j)
+        if end < 0:
+            arguments = text[j:]
+            calls.append((name, arguments))
+            return _Scan(preamble, tuple(calls), final, cut_in_call=not _is_json_object(arguments))
+        calls.append((name, text[j:end]))
+        if max_calls is not None and len(calls) >= max_calls:
+            return _Scan(preamble, tuple(calls), True)
+        pos = end + 1
+        if text.startswith(ACTION, pos):
+            continue
+        if not final and ACTION.startswith(text[pos:]):
+            return _Scan(preamble, tuple(calls), False)
+        return _Scan(preamble, tuple(calls), True)
+
+
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(_DECODER.decode(text), dict)
+    except (ValueError, RecursionError):
+        return False
+
+
 def parse_output(
     text: str,
     tool_names: Collection[str],
     max_calls: int | None = None,
     id_factory: Callable[[], str] = new_call_id,
+    *,
+    constrained: bool = False,
 ) -> ParsedOutput:
     """Parse a whole generation. With no `tool_names` the text is returned as content."""
-    scan = _scan(text, tool_names, max_calls, final=True)
+    scan = (_scan_constrained if constrained else _scan)(text, tool_names, max_calls, final=True)
     calls = [ToolCall(id_factory(), name, args) for name, args in scan.calls]
     return ParsedOutput(content=scan.content if scan.content or not calls else None, tool_calls=calls)
 
@@ -210,10 +277,11 @@ def parse_output(
 class StreamingParser:
     """Incremental parser: feed text deltas, get OpenAI-style stream events.
 
-    Explicit state: the text seen, the content already emitted and the calls already announced.
-    `done` turns true once nothing the model could still say changes the result (after the
-    last call, or after the single call allowed by `parallel_tool_calls: false`), so the engine
-    can stop generating.
+    Explicit state: the text seen, the content already emitted and the calls already announced
+    (with the arguments already sent). `done` turns true once nothing the model could still say
+    changes the result (after the last call, or after the single call allowed by
+    `parallel_tool_calls: false`), so the engine can stop generating. `constrained` selects the
+    mode for grammar-constrained output (see the module docstring).
     """
 
     def __init__(
@@ -221,15 +289,19 @@ class StreamingParser:
         tool_names: Collection[str],
         max_calls: int | None = None,
         id_factory: Callable[[], str] = new_call_id,
+        *,
+        constrained: bool = False,
     ) -> None:
         self._names = frozenset(tool_names)
         self._max_calls = max_calls
         self._id_factory = id_factory
+        self._scan = _scan_constrained if constrained else _scan
         self._text = ""
         self._content = ""
         self._calls: list[ToolCall] = []
         self._done = False
         self._finished = False
+        self._cut_in_call = False
 
     @property
     def done(self) -> bool:
@@ -243,14 +315,19 @@ class StreamingParser:
         if self._done or not delta:
             return []
         self._text += delta
-        return self._advance(_scan(self._text, self._names, self._max_calls, final=False))
+        return self._advance(self._scan(self._text, self._names, self._max_calls, final=False))
 
     def finish(self) -> list[StreamEvent]:
         """End of generation: decide everything still open."""
         if self._finished:
             return []
         self._finished = True
-        return self._advance(_scan(self._text, self._names, self._max_calls, final=True))
+        return self._advance(self._scan(self._text, self._names, self._max_calls, final=True))
+
+    @property
+    def cut_in_call(self) -> bool:
+        """After `finish`: constrained output ended inside a call (a `max_tokens` cut)."""
+        return self._cut_in_call
 
     def result(self) -> ParsedOutput:
         """The assembled result so far (the final one after `finish`)."""
@@ -260,19 +337,31 @@ class StreamingParser:
     def _advance(self, scan: _Scan) -> list[StreamEvent]:
         if self._done:
             return []
-        if not scan.content.startswith(self._content) or scan.calls[: len(self._calls)] != tuple(
-            (c.name, c.arguments) for c in self._calls
+        known = scan.calls[: len(self._calls)]
+        if (
+            not scan.content.startswith(self._content)
+            or len(known) < len(self._calls)
+            or any(
+                name != c.name or not arguments.startswith(c.arguments) or (arguments != c.arguments and i < len(known) - 1)
+                for i, ((name, arguments), c) in enumerate(zip(known, self._calls))
+            )
         ):
             raise AssertionError("parser emitted a state it later revised")  # a bug, never input
         events: list[StreamEvent] = []
         if len(scan.content) > len(self._content):
             events.append(ContentDelta(scan.content[len(self._content) :]))
             self._content = scan.content
+        if self._calls and len(known[-1][1]) > len(self._calls[-1].arguments):  # constrained: arguments grew
+            last = self._calls[-1]
+            events.append(ToolCallArguments(len(self._calls) - 1, known[-1][1][len(last.arguments) :]))
+            self._calls[-1] = ToolCall(last.id, last.name, known[-1][1])
         for name, arguments in scan.calls[len(self._calls) :]:
             call = ToolCall(self._id_factory(), name, arguments)
             index = len(self._calls)
             self._calls.append(call)
             events.append(ToolCallStart(index, call.id, name))
-            events.append(ToolCallArguments(index, arguments))
+            if arguments:
+                events.append(ToolCallArguments(index, arguments))
         self._done = scan.done
+        self._cut_in_call = scan.cut_in_call
         return events
