@@ -36,6 +36,8 @@ from server.api.protocol import (
     Delta,
     FunctionCallDelta,
     FunctionCallOut,
+    OpenAIRequest,
+    REFUSED_BECAUSE,
     ToolCallDelta,
     ToolCallOut,
     Usage,
@@ -144,6 +146,15 @@ def render_chat(req: ChatCompletionRequest, fmt: PromptFormat, encoder: PromptEn
         raise APIError(400, exc.message, param=exc.param, code="invalid_value") from None
 
 
+def refuse(req: OpenAIRequest) -> None:
+    """400 naming the first field set to something this server cannot honour, and why."""
+    refused = req.unsupported_fields()
+    if refused:
+        field = refused[0]
+        raise APIError(400, f"{field} is not supported by this server: {REFUSED_BECAUSE.get(field, 'not implemented')}.",
+                       param=field, code="unsupported_parameter")
+
+
 def engine_unavailable(exc: Exception) -> APIError:
     """503 in OpenAI's shape: the engine is down or unreachable; clients retry."""
     return APIError(503, f"The generation engine is unavailable ({exc}). Please retry shortly.",
@@ -167,9 +178,7 @@ class ChatService:
 
     def check_request(self, req: SamplingRequest) -> None:
         """What every generation request must pass before rendering: refused fields, the model."""
-        refused = req.unsupported_fields()
-        if refused:
-            raise APIError(400, f"{refused[0]} is not supported by this server.", param=refused[0], code="unsupported_parameter")
+        refuse(req)
         if req.model != self.model_name:
             raise APIError(
                 404,

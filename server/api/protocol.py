@@ -88,6 +88,24 @@ class ResponseFormat(_Open):
     type: str
 
 
+#: Why each refused field is refused (the 400's message).
+REFUSED_BECAUSE = {
+    "audio": "this server answers with text only",
+    "modalities": "this server answers with text only",
+    "prediction": "predicted outputs are not implemented",
+    "web_search_options": "this server has no web search",
+    "response_format": "constrained decoding is not available",
+    "suffix": "inserting text needs a fill-in-the-middle model",
+    "best_of": "best_of must equal n (server-side ranking is not implemented)",
+    "background": "background responses are not implemented",
+    "conversation": "the Conversations API is not implemented; use previous_response_id",
+    "prompt": "stored prompt templates are not implemented",
+    "max_tool_calls": "limiting tool calls across a response is not implemented",
+    "top_logprobs": "logprobs are not implemented for /v1/responses (use /v1/chat/completions)",
+    "include": "logprobs are not implemented for /v1/responses (use /v1/chat/completions)",
+}
+
+
 class OpenAIRequest(BaseModel):
     """Fields every generation request shares: the neutral ones OpenAI accepts for any model, and
     the ones this server refuses because ignoring them would change what the client relies on.

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -29,7 +30,7 @@ from typing import Any
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from server.api.chat import ChatService, ChoiceDone, ChoiceEvent, PreparedChat, new_id
+from server.api.chat import ChatService, ChoiceDone, ChoiceEvent, PreparedChat, new_id, refuse
 from server.api.errors import APIError, validation_error
 from server.api.protocol import ChatCompletionRequest
 from server.api.responses_protocol import (
@@ -132,18 +133,27 @@ def _required(value: str | None, param: str) -> str:
     return value
 
 
-def to_messages(instructions: str | None, items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Chat messages for instructions + input items, and for each message the `param` it came from.
+@dataclass
+class Origin:
+    """Where a chat message came from: the item (or `instructions`), and the item of each tool call."""
+
+    param: str
+    calls: list[str] = field(default_factory=list)
+    content_key: str = "content"  # `output` for a function_call_output
+
+
+def to_messages(instructions: str | None, items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Origin]]:
+    """Chat messages for instructions + input items, and where each message came from.
 
     Consecutive `function_call` items become one assistant turn (joined to an assistant message
     right before them), consecutive outputs consecutive tool messages, which the renderer merges
     into one turn exactly as for a chat request.
     """
     messages: list[dict[str, Any]] = []
-    origins: list[str] = []
+    origins: list[Origin] = []
     if instructions is not None:
         messages.append({"role": "system", "content": instructions})
-        origins.append("instructions")
+        origins.append(Origin("instructions"))
     for i, raw in enumerate(items):
         param = f"input[{i}]"
         item = InputItem.model_validate(raw)
@@ -153,7 +163,7 @@ def to_messages(instructions: str | None, items: list[dict[str, Any]]) -> tuple[
                 raise APIError(400, f"Invalid value for 'role': {item.role!r}; expected one of {', '.join(_MESSAGE_ROLES)}.",
                                param=f"{param}.role", code="invalid_value")
             messages.append({"role": item.role, "content": _text(item.content, f"{param}.content")})
-            origins.append(param)
+            origins.append(Origin(param))
         elif kind == "function_call":
             call = {
                 "id": _required(item.call_id, f"{param}.call_id"),
@@ -162,19 +172,47 @@ def to_messages(instructions: str | None, items: list[dict[str, Any]]) -> tuple[
                              "arguments": _required(item.arguments, f"{param}.arguments")},
             }
             previous = messages[-1] if messages else None
-            if previous is not None and previous["role"] == "assistant" and origins[-1].startswith("input"):
+            if previous is not None and previous["role"] == "assistant" and origins[-1].param != "instructions":
                 previous.setdefault("tool_calls", []).append(call)
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
-                origins.append(param)
+                origins.append(Origin(param))
+            origins[-1].calls.append(param)
         elif kind == "function_call_output":
             messages.append({"role": "tool", "tool_call_id": _required(item.call_id, f"{param}.call_id"),
                              "content": _text(item.output, f"{param}.output")})
-            origins.append(param)
+            origins.append(Origin(param, content_key="output"))
         else:
             raise APIError(400, f"Input items of type {kind!r} are not supported: use message, function_call and "
                            "function_call_output items.", param=f"{param}.type", code="invalid_value")
     return messages, origins
+
+
+_MESSAGE_PARAM = re.compile(r"^messages\[(\d+)\](?:\.tool_calls\[(\d+)\](?:\.function)?|\.(content))?(.*)$")
+
+
+def _chat_param(param: str | None, origins: list[Origin]) -> str | None:
+    """A chat-layer `param` (messages[3].content, tools[0].function.name) in the request's terms."""
+    if not param:
+        return param
+    match = _MESSAGE_PARAM.match(param)
+    if match:
+        index, call, content, rest = match.groups()
+        if int(index) >= len(origins):
+            return "input"
+        origin = origins[int(index)]
+        if call is not None and int(call) < len(origin.calls):
+            return origin.calls[int(call)] + rest
+        if content is not None:
+            return f"{origin.param}.{origin.content_key}{rest}"
+        return origin.param + rest
+    if param == "messages":
+        return "input"
+    if param == "max_completion_tokens":
+        return "max_output_tokens"
+    if param == "response_format":
+        return "text.format"
+    return param.replace(".function.", ".").replace(".function", "")
 
 
 def _tools(req: ResponseRequest) -> tuple[list[dict[str, Any]] | None, Any]:
@@ -212,25 +250,7 @@ def _response_format(req: ResponseRequest) -> dict[str, Any] | None:
     return {"type": "json_schema", "json_schema": schema}
 
 
-def _chat_param(param: str | None, origins: list[str]) -> str | None:
-    """A chat-layer `param` (messages[3].content, tools[0].function.name) in the request's terms."""
-    if not param:
-        return param
-    if param.startswith("messages["):
-        index, _, rest = param[len("messages["):].partition("]")
-        if index.isdigit() and int(index) < len(origins):
-            return origins[int(index)] + rest
-        return "input"
-    if param == "messages":
-        return "input"
-    if param == "max_completion_tokens":
-        return "max_output_tokens"
-    if param == "response_format":
-        return "text.format"
-    return param.replace(".function.", ".")
-
-
-def to_chat(req: ResponseRequest, history: list[dict[str, Any]]) -> tuple[ChatCompletionRequest, list[str]]:
+def to_chat(req: ResponseRequest, history: list[dict[str, Any]]) -> tuple[ChatCompletionRequest, list[Origin]]:
     """The chat request equivalent to `req` continued from `history` (input items), and the origins
     of its messages (for error params)."""
     items = history + current_items(req)
@@ -388,15 +408,15 @@ class ResponseService:
         history: list[dict[str, Any]] = []
         if req.previous_response_id is not None:
             history = list(self.store.get(req.previous_response_id, param="previous_response_id").items)
-        refused = req.unsupported_fields()
-        if refused:
-            raise APIError(400, f"{refused[0]} is not supported by this server.", param=refused[0],
-                           code="unsupported_parameter")
+        refuse(req)
         chat_req, origins = to_chat(req, history)
         try:
             prepared = self.chat.prepare(chat_req)
         except APIError as exc:
-            exc.param = _chat_param(exc.param, origins)
+            param = _chat_param(exc.param, origins)
+            if exc.param and param != exc.param and exc.message.startswith(exc.param):
+                exc.message = param + exc.message[len(exc.param):]
+            exc.param = param
             raise
         prepared = dataclasses.replace(prepared, id=new_id("resp_"))
         return PreparedResponse(prepared, req, history + current_items(req))
