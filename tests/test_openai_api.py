@@ -258,3 +258,13 @@ def test_cli_render_prints_the_golden_prompt(tmp_path, qwen_tokenizer_dir):
     bad = subprocess.run([sys.executable, "-m", "server", "render", "-"], input='{"messages": [{"role": "assistant", '
                          '"content": "x"}]}', capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "messages" in bad.stderr
+
+
+def test_new_routes_have_their_own_metrics_label(client, trained_server):
+    client.completions.create(model=MODEL, prompt="Hi", max_tokens=1)
+    httpx.post(trained_server.url + "/tokenize", json={"prompt": "Hi"})
+    httpx.get(trained_server.url + "/v1/responses/resp_unknown")
+    metrics = httpx.get(trained_server.url + "/metrics").text
+    for route, status in (("/v1/completions", 200), ("/tokenize", 200), ("/v1/responses/{id}", 404)):
+        lines = [line for line in metrics.splitlines() if line.startswith("agent_server_requests_total")]
+        assert any(f'route="{route}"' in line and f'status="{status}"' in line for line in lines), route

@@ -36,7 +36,7 @@ from server.api.protocol import (
     Delta,
     FunctionCallDelta,
     FunctionCallOut,
-    OpenAIRequest,
+    NeutralFields,
     REFUSED_BECAUSE,
     ToolCallDelta,
     ToolCallOut,
@@ -146,7 +146,7 @@ def render_chat(req: ChatCompletionRequest, fmt: PromptFormat, encoder: PromptEn
         raise APIError(400, exc.message, param=exc.param, code="invalid_value") from None
 
 
-def refuse(req: OpenAIRequest) -> None:
+def refuse(req: NeutralFields) -> None:
     """400 naming the first field set to something this server cannot honour, and why."""
     refused = req.unsupported_fields()
     if refused:
@@ -354,13 +354,13 @@ class ChatService:
                     finish = step.finish_reason
         finally:
             await generation.aclose()  # cancels the sequence if it is still running
+            self.metrics.prompt_tokens.inc(len(chat.prompt.ids))  # counted when cancelled too
+            self.metrics.completion_tokens.inc(completion_tokens)
         for event in parser.feed(stops.feed(detok.flush()) + stops.flush()):
             yield event
         for event in parser.finish():
             yield event
         calls = parser.result().tool_calls
-        self.metrics.prompt_tokens.inc(len(chat.prompt.ids))
-        self.metrics.completion_tokens.inc(completion_tokens)
         self.metrics.tool_calls.inc(len(calls))
         if chat.prompt.tool_names and not calls and ACTION in parser.text:
             self.metrics.parse_failures.inc()

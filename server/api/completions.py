@@ -20,7 +20,7 @@ from server.api.errors import APIError
 from server.api.protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
 from server.engine.base import EngineError, Generation, TokenLogprob
 from server.format.parse import ContentDelta
-from server.format.render import RenderedPrompt, ToolChoice
+from server.format.render import RenderedPrompt, RenderError, ToolChoice, check_unicode
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,10 @@ class CompletionService:
             prompt = prompt[0]
         tokenizer = self.chat.engine.tokenizer
         if isinstance(prompt, str):
+            try:
+                check_unicode(prompt, param)
+            except RenderError as exc:
+                raise APIError(400, exc.message, param=exc.param, code="invalid_value") from None
             ids = tokenizer.encode(prompt, add_special_tokens=False) if prompt else []
         else:
             ids = list(prompt)  # type: ignore[arg-type]

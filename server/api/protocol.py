@@ -106,19 +106,9 @@ REFUSED_BECAUSE = {
 }
 
 
-class OpenAIRequest(BaseModel):
-    """Fields every generation request shares: the neutral ones OpenAI accepts for any model, and
-    the ones this server refuses because ignoring them would change what the client relies on.
-
-    Neutral (accepted, no effect here; README "Accepted and ignored"): `user`, `store`, `metadata`,
-    `service_tier`, `prompt_cache_key`, `prompt_cache_retention`, `safety_identifier` (billing,
-    caching and abuse-tracking hints), `reasoning_effort` and `verbosity` (hints for reasoning
-    models; this model does not reason and its answers are as long as it was trained to make them),
-    `modalities: ["text"]` (what the server answers anyway). Refused (400 naming the field, see
-    `unsupported_fields`): `audio` and `modalities` with "audio" (the client expects audio back),
-    `prediction` (the client expects a predicted-output diff and its token accounting),
-    `web_search_options` (the client expects answers grounded in a web search, with citations).
-    """
+class NeutralFields(BaseModel):
+    """Fields every generation request (chat, completions, responses) accepts and ignores: billing,
+    caching and abuse-tracking labels that do not change the answer (README "Accepted and ignored")."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -129,6 +119,23 @@ class OpenAIRequest(BaseModel):
     prompt_cache_key: str | None = None
     prompt_cache_retention: str | None = None
     safety_identifier: str | None = None
+
+    def unsupported_fields(self) -> list[str]:
+        """Fields set to something this server cannot honour (each is a 400 naming it)."""
+        return []
+
+
+class OpenAIRequest(NeutralFields):
+    """Chat and text completions: the neutral fields, plus those OpenAI has on these routes.
+
+    Neutral too: `reasoning_effort` and `verbosity` (hints for reasoning models; this model does not
+    reason and its answers are as long as it was trained to make them), `modalities: ["text"]` (what
+    the server answers anyway). Refused (400 naming the field, see `unsupported_fields`): `audio`
+    and `modalities` with "audio" (the client expects audio back), `prediction` (the client expects
+    a predicted-output diff and its token accounting), `web_search_options` (the client expects
+    answers grounded in a web search, with citations).
+    """
+
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
     verbosity: Literal["low", "medium", "high"] | None = None
     modalities: list[Literal["text", "audio"]] | None = None
@@ -137,8 +144,7 @@ class OpenAIRequest(BaseModel):
     web_search_options: dict[str, Any] | None = None
 
     def unsupported_fields(self) -> list[str]:
-        """Fields set to something this server cannot honour (each is a 400 naming it)."""
-        refused = []
+        refused = super().unsupported_fields()
         if self.audio is not None:
             refused.append("audio")
         if self.modalities and "audio" in self.modalities:

@@ -48,6 +48,7 @@ from server.api.responses_protocol import (
 )
 from server.engine.base import EngineError, Generation
 from server.format.parse import ContentDelta, ToolCallArguments, ToolCallStart
+from server.format.render import RenderError, check_unicode
 
 _MESSAGE_ROLES = ("user", "system", "developer", "assistant")
 _TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
@@ -139,7 +140,7 @@ class Origin:
 
     param: str
     calls: list[str] = field(default_factory=list)
-    content_key: str = "content"  # `output` for a function_call_output
+    content_key: str | None = "content"  # `output` for a function_call_output, None for instructions
 
 
 def to_messages(instructions: str | None, items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Origin]]:
@@ -153,7 +154,7 @@ def to_messages(instructions: str | None, items: list[dict[str, Any]]) -> tuple[
     origins: list[Origin] = []
     if instructions is not None:
         messages.append({"role": "system", "content": instructions})
-        origins.append(Origin("instructions"))
+        origins.append(Origin("instructions", content_key=None))
     for i, raw in enumerate(items):
         param = f"input[{i}]"
         item = InputItem.model_validate(raw)
@@ -204,7 +205,7 @@ def _chat_param(param: str | None, origins: list[Origin]) -> str | None:
         if call is not None and int(call) < len(origin.calls):
             return origin.calls[int(call)] + rest
         if content is not None:
-            return f"{origin.param}.{origin.content_key}{rest}"
+            return f"{origin.param}.{origin.content_key}{rest}" if origin.content_key else origin.param + rest
         return origin.param + rest
     if param == "messages":
         return "input"
@@ -409,6 +410,11 @@ class ResponseService:
         if req.previous_response_id is not None:
             history = list(self.store.get(req.previous_response_id, param="previous_response_id").items)
         refuse(req)
+        for name, value in req.model_dump(exclude_none=True, by_alias=True).items():
+            try:  # the response echoes request fields: they must be encodable text
+                check_unicode(value, name)
+            except RenderError as exc:
+                raise APIError(400, exc.message, param=exc.param, code="invalid_value") from None
         chat_req, origins = to_chat(req, history)
         try:
             prepared = self.chat.prepare(chat_req)

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.api.protocol import _INTEGRAL, OpenAIRequest, _Open
+from server.api.protocol import _INTEGRAL, NeutralFields, _Open
 
 
 class ContentPartIn(_Open):
@@ -65,8 +65,8 @@ class TextConfig(_Open):
     verbosity: Literal["low", "medium", "high"] | None = None
 
 
-class ResponseRequest(OpenAIRequest):
-    """POST /v1/responses. Accepted and ignored beyond `OpenAIRequest`'s neutral fields:
+class ResponseRequest(NeutralFields):
+    """POST /v1/responses. Accepted and ignored beyond the neutral fields:
     `reasoning` (no reasoning in this model), `include` entries for items this server never
     produces, `truncation` (the request is a 400 when it does not fit, whatever the mode),
     `stream_options`. Refused: `background`, `conversation`, `prompt` (server-side objects this
