@@ -225,8 +225,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             if not body.add_generation_prompt:
                 raise APIError(400, "add_generation_prompt=false is not supported: the format always ends with the "
                                "assistant's turn opening.", param="add_generation_prompt", code="unsupported_parameter")
-            request = ChatCompletionRequest(model=chat.model_name, messages=body.messages, tools=body.tools,
-                                            tool_choice=body.tool_choice)
+            request = ChatCompletionRequest.model_construct(  # fields already validated by TokenizeRequest
+                model=chat.model_name, messages=body.messages, tools=body.tools, tool_choice=body.tool_choice,
+                functions=None, function_call=None)
             ids = render_chat(request, chat.fmt, chat.encoder).ids
         else:
             ids = service.prompt_ids(body.prompt) if body.prompt else []
