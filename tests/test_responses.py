@@ -261,3 +261,21 @@ def test_text_format_goes_to_the_chat_layer(client):
         assert response.text.format.type == "json_object"
         if response.status == "completed":
             json.loads(response.output_text)
+
+
+def test_logprobs_on_output_text_streamed_and_not(client):
+    include = ["message.output_text.logprobs"]
+    response = create(client, input="Hi", include=include, top_logprobs=2)
+    part = response.output[0].content[0]
+    assert "".join(t.token for t in part.logprobs) == part.text == "Hello! How can I help you today?"
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token for t in part.logprobs)
+    with client.responses.stream(model=MODEL, input="Hi", include=include, top_logprobs=2, temperature=0) as stream:
+        events = list(stream)
+    streamed = [t for e in events if e.type == "response.output_text.delta" for t in e.logprobs]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, pytest.approx(t.logprob, abs=1e-5)) for t in part.logprobs]
+    done = next(e for e in events if e.type == "response.output_text.done")
+    assert [t.token for t in done.logprobs] == [t.token for t in part.logprobs]
+    assert create(client, input="Hi").output[0].content[0].logprobs == []  # only when asked for
+    # With a tool call, the call's own tokens carry no output_text logprobs.
+    call = create(client, input=PARIS, tools=TOOLS, include=include)
+    assert [item.type for item in call.output] == ["function_call"]

@@ -101,8 +101,6 @@ REFUSED_BECAUSE = {
     "conversation": "the Conversations API is not implemented; use previous_response_id",
     "prompt": "stored prompt templates are not implemented",
     "max_tool_calls": "limiting tool calls across a response is not implemented",
-    "top_logprobs": "logprobs are not implemented for /v1/responses (use /v1/chat/completions)",
-    "include": "logprobs are not implemented for /v1/responses (use /v1/chat/completions)",
 }
 
 

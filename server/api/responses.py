@@ -30,7 +30,8 @@ from typing import Any
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from server.api.chat import ChatService, ChoiceDone, ChoiceEvent, PreparedChat, new_id, refuse
+from server.api.chat import ChatService, ChoiceDone, ChoiceEvent, PreparedChat, TokenLogprobs, new_id, refuse
+from server.api.logprobs import TokenTexts
 from server.api.errors import APIError, validation_error
 from server.api.protocol import ChatCompletionRequest
 from server.api.responses_protocol import (
@@ -46,7 +47,7 @@ from server.api.responses_protocol import (
     ResponseRequest,
     ResponseUsage,
 )
-from server.engine.base import EngineError, Generation
+from server.engine.base import EngineError, Generation, TokenLogprob
 from server.format.parse import ContentDelta, ToolCallArguments, ToolCallStart
 from server.format.render import RenderError, check_unicode
 
@@ -267,6 +268,8 @@ def to_chat(req: ResponseRequest, history: list[dict[str, Any]]) -> tuple[ChatCo
         "temperature": req.temperature,
         "top_p": req.top_p,
         "response_format": _response_format(req),
+        "logprobs": True if req.wants_logprobs else None,
+        "top_logprobs": req.top_logprobs if req.wants_logprobs else None,
     }
     try:
         chat = ChatCompletionRequest.model_validate({k: v for k, v in body.items() if v is not None})
@@ -294,9 +297,11 @@ class _OutputBuilder:
     `feed`/`finish` return the events to send; `response` is complete after `finish`.
     """
 
-    def __init__(self, response: Response) -> None:
+    def __init__(self, response: Response, token_texts: TokenTexts | None = None) -> None:
         self.response = response
         self.sequence = 0
+        self._texts = token_texts  # set when logprobs are wanted
+        self._pending: list[TokenLogprob] = []  # logprobs not yet attached to a text delta
         self._message: MessageItem | None = None  # the open message item
         self._call: FunctionCallItem | None = None  # the open function_call item
 
@@ -330,8 +335,9 @@ class _OutputBuilder:
         if self._message is not None:
             item, self._message = self._message, None
             part = item.content[0]
+            part.logprobs += self._take_logprobs()
             events.append(self.event("response.output_text.done", item_id=item.id, output_index=index, content_index=0,
-                                     text=part.text, logprobs=[]))
+                                     text=part.text, logprobs=part.logprobs))
             events.append(self.event("response.content_part.done", item_id=item.id, output_index=index,
                                      content_index=0, part=part.model_dump(mode="json")))
             item.status = status  # type: ignore[assignment]
@@ -350,12 +356,19 @@ class _OutputBuilder:
             if self._message is None:
                 events += self._open_message()
             assert self._message is not None
-            self._message.content[0].text += event.text
+            part = self._message.content[0]
+            logprobs = self._take_logprobs()
+            part.text += event.text
+            part.logprobs += logprobs
             events.append(self.event("response.output_text.delta", item_id=self._message.id,
                                      output_index=len(self.response.output) - 1, content_index=0,
-                                     delta=event.text, logprobs=[]))
+                                     delta=event.text, logprobs=logprobs))
+        elif isinstance(event, TokenLogprobs):
+            if self._texts is not None:
+                self._pending += event.entries
         elif isinstance(event, ToolCallStart):
             events += self._close()
+            self._pending.clear()  # the tokens the call was parsed from: logprobs are for output_text only
             self._call = FunctionCallItem(id=new_id("fc_"), call_id=event.id, name=event.name, arguments="",
                                           status="in_progress")
             events.append(self._add(self._call))
@@ -380,6 +393,13 @@ class _OutputBuilder:
         kind = "response.incomplete" if incomplete else "response.completed"
         events.append(self.event(kind, response=response.model_dump(mode="json")))
         return events
+
+    def _take_logprobs(self) -> list[dict[str, Any]]:
+        """The pending logprobs in OpenAI's shape (the chat one), handed to the text being emitted."""
+        if self._texts is None or not self._pending:
+            return []
+        taken, self._pending = self._pending, []
+        return [entry.model_dump(mode="json") for entry in self._texts.chat(taken)]
 
     def fail(self, message: str) -> dict[str, Any]:
         self.response.status = "failed"
@@ -450,10 +470,15 @@ class ResponseService:
             tool_choice=tool_choice,
             tools=[t.model_dump(mode="json", exclude_none=True) for t in req.tools or []],
             top_p=1.0 if req.top_p is None else req.top_p,
+            top_logprobs=req.top_logprobs,
             truncation=req.truncation or "disabled",
             user=req.user,
             metadata=req.metadata or {},
         )
+
+    def _builder(self, prepared: PreparedResponse) -> _OutputBuilder:
+        texts = self.chat.token_texts if prepared.request.wants_logprobs else None
+        return _OutputBuilder(self._response(prepared), texts)
 
     def _remember(self, prepared: PreparedResponse, response: Response) -> None:
         if prepared.request.store is not False:
@@ -474,7 +499,7 @@ class ResponseService:
         self._remember(prepared, builder.response)
 
     async def complete(self, prepared: PreparedResponse, generations: list[Generation]) -> Response:
-        builder = _OutputBuilder(self._response(prepared))
+        builder = self._builder(prepared)
         try:
             async with aclosing(self._events(prepared, generations, builder)) as events:
                 async for _ in events:
@@ -485,7 +510,7 @@ class ResponseService:
 
     async def stream(self, prepared: PreparedResponse, generations: list[Generation]) -> AsyncIterator[dict[str, str]]:
         """SSE events named like their `type` (as OpenAI sends them), each with a `sequence_number`."""
-        builder = _OutputBuilder(self._response(prepared))
+        builder = self._builder(prepared)
         try:
             async with aclosing(self._events(prepared, generations, builder)) as events:
                 async for event in events:

@@ -14,6 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from server.api.protocol import _INTEGRAL, NeutralFields, _Open
 
 
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
+
+
 class ContentPartIn(_Open):
     """`input_text` / `output_text` (text), `refusal`; images, files and audio are refused."""
 
@@ -70,7 +73,8 @@ class ResponseRequest(NeutralFields):
     `reasoning` (no reasoning in this model), `include` entries for items this server never
     produces, `truncation` (the request is a 400 when it does not fit, whatever the mode),
     `stream_options`. Refused: `background`, `conversation`, `prompt` (server-side objects this
-    server does not have), `max_tool_calls`, `top_logprobs` and logprobs includes."""
+    server does not have), `max_tool_calls`. Logprobs: `include: ["message.output_text.logprobs"]`
+    (with `top_logprobs` alternatives) puts them on `output_text` parts and text deltas."""
 
     model: str
     input: str | list[InputItem]
@@ -94,6 +98,10 @@ class ResponseRequest(NeutralFields):
     conversation: str | dict[str, Any] | None = None
     prompt: dict[str, Any] | None = None
 
+    @property
+    def wants_logprobs(self) -> bool:
+        return LOGPROBS_INCLUDE in (self.include or [])
+
     def unsupported_fields(self) -> list[str]:
         refused = super().unsupported_fields()
         if self.background:
@@ -104,8 +112,6 @@ class ResponseRequest(NeutralFields):
             refused.append("prompt")
         if self.max_tool_calls is not None:
             refused.append("max_tool_calls")
-        if self.top_logprobs or any(i.endswith(".logprobs") for i in self.include or []):
-            refused.append("top_logprobs" if self.top_logprobs else "include")
         return refused
 
 
@@ -189,6 +195,7 @@ class Response(BaseModel):
     tool_choice: Any = "auto"
     tools: list[dict[str, Any]] = Field(default_factory=list)
     top_p: float = 1.0
+    top_logprobs: int | None = None
     truncation: str = "disabled"
     usage: ResponseUsage | None = None
     user: str | None = None
