@@ -1,4 +1,4 @@
-"""`agent-server serve|merge|eval` (also `python -m server`)."""
+"""`agent-server serve|merge|render|eval` (also `python -m server`)."""
 
 from __future__ import annotations
 
@@ -54,6 +54,42 @@ def merge(args: argparse.Namespace) -> None:
     print(f"merged {args.adapter} into {args.base} -> {args.out}")
 
 
+def render(args: argparse.Namespace) -> None:
+    """Print the exact prompt a chat request (a JSON file, `-` for stdin) becomes, as
+    POST /v1/chat/completions/render shows it: the first thing to look at when a fine-tune "does
+    not call tools". Token ids need the model's tokenizer (`--tokenizer DIR`); the text does not."""
+    import json
+
+    from pydantic import ValidationError
+
+    from prompts import load_format
+    from server.api.chat import render_chat
+    from server.api.errors import APIError
+    from server.api.protocol import ChatCompletionRequest
+    from server.format.render import PromptEncoder
+
+    raw = sys.stdin.read() if args.request == "-" else open(args.request, encoding="utf-8").read()
+    try:
+        body = json.loads(raw)
+        if isinstance(body, dict):
+            body.setdefault("model", "")  # not checked here
+        request = ChatCompletionRequest.model_validate(body)
+        if args.tokenizer:
+            from transformers import AutoTokenizer
+
+            encoder = PromptEncoder.from_tokenizer(AutoTokenizer.from_pretrained(args.tokenizer))
+        else:  # text only: the renderer's text does not depend on the tokenizer
+            encoder = PromptEncoder({"<|im_start|>": 0, "<|im_end|>": 0, "<|endoftext|>": 0}, lambda text: [])
+        prompt = render_chat(request, load_format(), encoder)
+    except (json.JSONDecodeError, ValidationError) as exc:
+        sys.exit(f"agent-server render: not a chat completion request: {exc}")
+    except APIError as exc:
+        sys.exit(f"agent-server render: {exc.param}: {exc.message}")
+    sys.stdout.write(prompt.text + prompt.forced_prefix)
+    if args.tokenizer:
+        print(f"\n[{len(prompt.ids)} tokens] {prompt.ids}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="agent-server", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     merge_cmd.add_argument("--adapter", required=True, help="LoRA adapter directory (peft)")
     merge_cmd.add_argument("--out", required=True, help="output directory")
     merge_cmd.add_argument("--dtype", default="auto", help="auto (fp32 on CPU), float32, bfloat16, float16")
+    render_cmd = sub.add_parser("render", help="print the exact prompt a chat request (JSON file) becomes")
+    render_cmd.add_argument("request", help="a /v1/chat/completions request body as JSON (- for stdin)")
+    render_cmd.add_argument("--tokenizer", help="the model (or tokenizer) directory: also print the token ids on stderr")
     add_eval_parser(sub)
     args = parser.parse_args(argv)
-    {"serve": serve, "merge": merge, "eval": run_eval}[args.command](args)
+    {"serve": serve, "merge": merge, "render": render, "eval": run_eval}[args.command](args)

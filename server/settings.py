@@ -30,8 +30,16 @@ class Settings:
     strict_tools: bool = field(
         default=False, metadata={"help": "hold auto-mode tool calls to their schemas, as if every tool had strict: true"}
     )
-    api_key: str | None = field(default=None, metadata={"help": "require 'Authorization: Bearer KEY' on /v1/*"})
+    api_key: str | None = field(
+        default=None, metadata={"help": "require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize"}
+    )
     max_body_bytes: int = field(default=4 * 1024 * 1024, metadata={"help": "largest request body accepted (413 beyond)"})
+    responses_store_size: int = field(
+        default=1000, metadata={"help": "stored /v1/responses kept in memory (oldest dropped beyond; 0: store nothing)"}
+    )
+    responses_ttl: int = field(
+        default=3600, metadata={"help": "seconds a stored response stays retrievable and usable as previous_response_id"}
+    )
     log_level: str = field(default="info", metadata={"help": "debug, info, warning, error"})
     demo_cache: str = field(
         default=os.path.join(os.path.expanduser("~"), ".cache", "agent-server", "demo"),

@@ -68,6 +68,13 @@ def test_v1_routes_need_the_key(server, authorization):
         # Auth comes before validation: without the key nothing about the request is revealed.
         assert_401(http.post("/v1/chat/completions", json={"model": 1}))
         assert_401(http.post("/v1/chat/completions", json={**CHAT, "model": "gpt-4o"}))
+        assert_401(http.post("/v1/completions", json={"model": MODEL, "prompt": "hi"}))
+        assert_401(http.post("/v1/responses", json={"model": MODEL, "input": "hi"}))
+        assert_401(http.get("/v1/responses/resp_x"))
+        assert_401(http.delete("/v1/responses/resp_x"))
+        assert_401(http.post("/v1/chat/completions/render", json=CHAT))
+        assert_401(http.post("/tokenize", json={"prompt": "hi"}))
+        assert_401(http.post("/detokenize", json={"tokens": [1]}))
 
 
 def test_right_key_works_and_health_and_metrics_stay_open(server):

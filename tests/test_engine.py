@@ -149,3 +149,55 @@ def test_admission_is_bounded_and_released(engine, loaded):
 def test_rejects_more_than_the_context(engine):
     with pytest.raises(ValueError):
         engine.submit([1] * 500, SamplingParams(max_new_tokens=20))
+
+
+async def collect_logprobs(engine: BuiltinEngine, ids: list[int], params: SamplingParams):
+    tokens, logprobs = [], []
+    async for step in engine.submit(ids, params):
+        tokens += step.token_ids
+        logprobs += step.logprobs or []
+    return tokens, logprobs
+
+
+def _reference_logprobs(model, ids: list[int], tokens: list[int], bias: dict[int, float] | None = None) -> torch.Tensor:
+    """log_softmax of a direct forward pass over prompt + output, one row per generated token."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + tokens])).logits[0, len(ids) - 1 : len(ids) - 1 + len(tokens)].float()
+    for token_id, value in (bias or {}).items():
+        logits[:, token_id] += value
+    return torch.log_softmax(logits, dim=-1)
+
+
+@pytest.mark.parametrize("temperature", [0, 0.8])
+def test_logprobs_match_a_direct_forward_pass(engine, loaded, temperature):
+    model, tokenizer = loaded
+    ids = tokenizer.encode(PROMPTS[0])
+    params = SamplingParams(max_new_tokens=8, temperature=temperature, seed=5, logprobs=3)
+    tokens, logprobs = asyncio.run(collect_logprobs(engine, ids, params))
+    assert [e.token_id for e in logprobs] == tokens and tokens
+    reference = _reference_logprobs(model, ids, tokens)
+    for row, entry in zip(reference, logprobs):
+        # Reported before temperature: the model's own distribution, whatever was sampled from it.
+        assert entry.logprob == pytest.approx(row[entry.token_id].item(), abs=1e-4)
+        values, top_ids = row.topk(3)
+        assert [t for t, _ in entry.top] == top_ids.tolist()
+        assert [v for _, v in entry.top] == pytest.approx(values.tolist(), abs=1e-4)
+        if temperature == 0:
+            assert entry.token_id == top_ids[0].item()
+
+
+def test_logit_bias_steers_and_is_part_of_the_reported_distribution(engine, loaded):
+    model, tokenizer = loaded
+    ids = tokenizer.encode(PROMPTS[0])
+    forced = tokenizer.encode(" banana")[0]
+    params = SamplingParams(max_new_tokens=4, temperature=0, logprobs=2, logit_bias=((forced, 100.0),))
+    tokens, logprobs = asyncio.run(collect_logprobs(engine, ids, params))
+    assert tokens == [forced] * 4
+    reference = _reference_logprobs(model, ids, tokens, {forced: 100.0})
+    assert [e.logprob for e in logprobs] == pytest.approx([row[forced].item() for row in reference], abs=1e-4)
+    assert all(e.top[0][0] == forced for e in logprobs)
+    # A bias of -100 bans the token the model would pick greedily.
+    free, _ = asyncio.run(collect(engine, ids, SamplingParams(max_new_tokens=1, temperature=0)))
+    banned, _ = asyncio.run(collect(engine, ids, SamplingParams(max_new_tokens=1, temperature=0,
+                                                                logit_bias=((free[0], -100.0),))))
+    assert banned and banned[0] != free[0]

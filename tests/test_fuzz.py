@@ -23,7 +23,13 @@ MODEL = "Qwen1.5-4B-agent"
 MAX_TOKENS = 4
 # Schema-valid, but a documented 400 here (tested in test_bad_inputs): dropped from positive cases so
 # that more of them get through rendering to the model.
-REFUSED_BY_DESIGN = ("logprobs", "top_logprobs", "logit_bias", "n", "functions", "function_call")
+REFUSED_BY_DESIGN = (
+    "functions", "function_call", "audio", "modalities", "prediction", "web_search_options",
+    "suffix", "best_of", "echo", "background", "conversation", "max_tool_calls", "top_logprobs", "include",
+    "previous_response_id", "logit_bias", "n",
+)
+# Per route: the field that caps generation.
+LENGTH_FIELDS = {"/v1/responses": ("max_output_tokens",), "/v1/completions": ("max_tokens",)}
 CHECKS = [not_a_server_error, response_schema_conformance, status_code_conformance]
 
 
@@ -61,16 +67,23 @@ def _steer(case: schemathesis.Case) -> None:
     body = case.body
     if not isinstance(body, dict):
         return
-    for key in ("max_tokens", "max_completion_tokens"):
+    path = case.operation.path
+    if path not in ("/v1/chat/completions", "/v1/completions", "/v1/responses"):
+        return
+    keys = LENGTH_FIELDS.get(path, ("max_tokens", "max_completion_tokens"))
+    for key in keys:
         if isinstance(body.get(key), int) and not isinstance(body[key], bool) and body[key] > MAX_TOKENS:
             body[key] = MAX_TOKENS
-    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:  # absent or null
-        body["max_tokens"] = MAX_TOKENS
+    if all(body.get(key) is None for key in keys):  # absent or null
+        body[keys[0]] = MAX_TOKENS
     if case.meta is not None and case.meta.generation.mode == GenerationMode.POSITIVE:
         if isinstance(body.get("model"), str):
             body["model"] = MODEL
         for key in REFUSED_BY_DESIGN:
-            body.pop(key, None)
+            if not (key == "prompt" and path == "/v1/completions"):
+                body.pop(key, None)
+        if path == "/v1/responses":
+            body.pop("prompt", None)
         for message in body.get("messages") or []:
             # The schema lets `content` be null for every role (OpenAI's does too); the format
             # needs text except on an assistant turn that calls tools.

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from server.engine.base import SamplingParams
-from server.engine.sampling import PerRequestSampler, _RequestSampler
+from server.engine.sampling import MIN_LOGPROB, PerRequestSampler, _RequestSampler
 
 
 def test_openai_penalties_are_additive_over_generated_tokens():
@@ -58,3 +59,37 @@ def test_sampling_follows_the_distribution():
     sampler = _RequestSampler(SamplingParams(max_new_tokens=1, temperature=1.0, seed=3))
     counts = torch.bincount(torch.tensor([sampler.process(row, []).argmax().item() for _ in range(3000)]), minlength=3)
     assert torch.allclose(counts / 3000, probs, atol=0.04)
+
+
+def test_logit_bias_is_additive_and_logprobs_are_recorded_before_temperature():
+    row = torch.tensor([1.0, 2.0, 3.0, 0.0])
+    sampler = _RequestSampler(SamplingParams(max_new_tokens=1, temperature=0, logit_bias=((0, 5.0), (2, -1.0)), logprobs=2))
+    out = sampler.process(row, [])
+    assert out.tolist() == [6.0, 2.0, 2.0, 0.0]
+    expected = torch.log_softmax(out, -1)
+    (entry,) = sampler.logprobs
+    assert entry.token_id == 0 and entry.logprob == pytest.approx(expected[0].item())
+    assert [t for t, _ in entry.top] == [0, 1] or [t for t, _ in entry.top] == [0, 2]
+    hot = _RequestSampler(SamplingParams(max_new_tokens=1, temperature=1.7, seed=1, logprobs=0))
+    token = hot.process(row, []).argmax().item()
+    (entry,) = hot.logprobs
+    assert entry.token_id == token and entry.top == ()
+    assert entry.logprob == pytest.approx(torch.log_softmax(row, -1)[token].item())
+
+
+def test_masked_tokens_report_openai_minimum_not_infinity():
+    sampler = _RequestSampler(SamplingParams(max_new_tokens=1, temperature=0, forced_choices=((1,),), logprobs=3))
+    sampler.process(torch.zeros(4), [])
+    (entry,) = sampler.logprobs
+    assert entry.token_id == 1 and entry.logprob == pytest.approx(0.0)
+    assert [v for _, v in entry.top[1:]] == [MIN_LOGPROB, MIN_LOGPROB]
+
+
+def test_take_logprobs_hands_over_in_order():
+    sampler = PerRequestSampler()
+    sampler.register("a", SamplingParams(max_new_tokens=3, temperature=0, logprobs=0))
+    inner = sampler._samplers["a"]
+    for value in (0, 1, 2):
+        inner.process(torch.eye(3)[value] * 5, [])
+    assert [e.token_id for e in sampler.take_logprobs("a", 2)] == [0, 1]
+    assert [e.token_id for e in sampler.take_logprobs("a", 5)] == [2]

@@ -226,8 +226,8 @@ def test_context_overflow_is_a_400_with_the_numbers(client):
 
 def test_unsupported_field_is_a_clear_400(client):
     with pytest.raises(openai.BadRequestError) as info:
-        ask(client, PARIS, logprobs=True)
-    assert info.value.body["param"] == "logprobs" and info.value.body["type"] == "invalid_request_error"
+        ask(client, PARIS, extra_body={"prediction": {"type": "content", "content": "x"}})
+    assert info.value.body["param"] == "prediction" and info.value.body["type"] == "invalid_request_error"
 
 
 def test_raw_sse_framing(trained_server):

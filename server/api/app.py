@@ -1,4 +1,5 @@
-"""HTTP layer: routes, lifespan (model load), auth, error shape. Request logic lives in chat.py."""
+"""HTTP layer: routes, lifespan (model load), auth, error shape. Request logic lives in chat.py,
+completions.py and responses.py."""
 
 from __future__ import annotations
 
@@ -13,16 +14,33 @@ from typing import Annotated, Any
 import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 
 from prompts import load_format
-from server.api.chat import ChatService
+from server.api.chat import ChatService, render_chat
+from server.api.completions import CompletionService
+from server.api.responses import ResponseService, ResponseStore
+from server.api.responses_protocol import DeletedResponse, Response as ResponseObject, ResponseRequest
 from server.engine.base import Engine
 from server.engine.builtin import BuiltinEngine, load_model
 from server.api.errors import APIError, install_error_handlers
 from server.api.metrics import Metrics
 from server.api.middleware import RequestMiddleware
-from server.api.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse, ModelCard, ModelList
+from server.api.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    RenderedChat,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 from server.settings import Settings
 
 log = logging.getLogger("agent_server")
@@ -70,6 +88,14 @@ def chat_service(request: Request) -> ChatService:
     return request.app.state.chat
 
 
+def completion_service(request: Request) -> CompletionService:
+    return request.app.state.completions
+
+
+def response_service(request: Request) -> ResponseService:
+    return request.app.state.responses
+
+
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     """The ASGI app; the model loads in `lifespan` unless an engine is passed in."""
 
@@ -81,6 +107,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         app.state.engine = active
         app.state.chat = ChatService(
             active, load_format(), settings.served_model_name, metrics, strict_tools=settings.strict_tools
+        )
+        app.state.completions = CompletionService(app.state.chat)
+        app.state.responses = ResponseService(
+            app.state.chat, ResponseStore(settings.responses_store_size, settings.responses_ttl)
         )
         metrics.running.set_function(lambda: active.running)
         metrics.queued.set_function(lambda: active.queued)
@@ -138,28 +168,93 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             raise APIError(404, f"The model `{model_id}` does not exist.", param="model", code="model_not_found")
         return ModelCard(id=model_id, created=request.app.state.started)
 
-    @app.post(
-        "/v1/chat/completions",
-        dependencies=[Auth],
-        response_model=ChatCompletion,
-        responses={200: {"content": {"text/event-stream": {}}}},
-    )
+    stream_responses: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {}}}}
+
+    @app.post("/v1/chat/completions", dependencies=[Auth], response_model=ChatCompletion, responses=stream_responses)
     async def chat_completions(
         body: ChatCompletionRequest, request: Request, service: Annotated[ChatService, Depends(chat_service)]
     ) -> Response:
         chat = service.prepare(body)
-        generation = service.submit(chat)
+        generations = service.submit(chat)
         if body.stream:
-            return EventSourceResponse(service.stream(chat, generation), sep="\n", ping=15)
-        completion = await _unless_disconnected(request, service.complete(chat, generation))
-        if completion is None:
-            return Response(status_code=499)  # nobody is listening; the sequence was cancelled
-        return JSONResponse(completion.model_dump(mode="json"))
+            return EventSourceResponse(service.stream(chat, generations), sep="\n", ping=15)
+        return await _answer(request, service.complete(chat, generations))
+
+    @app.post("/v1/completions", dependencies=[Auth], response_model=Completion, responses=stream_responses)
+    async def completions(
+        body: CompletionRequest, request: Request, service: Annotated[CompletionService, Depends(completion_service)]
+    ) -> Response:
+        prepared = service.prepare(body)
+        generations = service.chat.submit(prepared.chat)
+        if body.stream:
+            return EventSourceResponse(service.stream(prepared, generations), sep="\n", ping=15)
+        return await _answer(request, service.complete(prepared, generations))
+
+    @app.post("/v1/responses", dependencies=[Auth], response_model=ResponseObject, responses=stream_responses)
+    async def responses(
+        body: ResponseRequest, request: Request, service: Annotated[ResponseService, Depends(response_service)]
+    ) -> Response:
+        prepared = service.prepare(body)
+        generations = service.chat.submit(prepared.chat)
+        if body.stream:
+            return EventSourceResponse(service.stream(prepared, generations), sep="\n", ping=15)
+        return await _answer(request, service.complete(prepared, generations))
+
+    @app.get("/v1/responses/{response_id}", dependencies=[Auth], response_model=ResponseObject)
+    async def get_response(response_id: str, service: Annotated[ResponseService, Depends(response_service)]) -> Response:
+        return JSONResponse(service.store.get(response_id).response.model_dump(mode="json"))
+
+    @app.delete("/v1/responses/{response_id}", dependencies=[Auth])
+    async def delete_response(
+        response_id: str, service: Annotated[ResponseService, Depends(response_service)]
+    ) -> DeletedResponse:
+        service.store.delete(response_id)
+        return DeletedResponse(id=response_id)
+
+    @app.post("/v1/chat/completions/render", dependencies=[Auth])
+    async def render(body: ChatCompletionRequest, service: Annotated[ChatService, Depends(chat_service)]) -> RenderedChat:
+        """The exact prompt a chat request becomes (nothing is generated; the model name is not checked)."""
+        prompt = render_chat(body, service.fmt, service.encoder)
+        return RenderedChat(prompt=prompt.text + prompt.forced_prefix, token_ids=prompt.ids, count=len(prompt.ids),
+                            forced_prefix=prompt.forced_prefix, tool_names=list(prompt.tool_names))
+
+    @app.post("/tokenize", dependencies=[Auth])
+    async def tokenize(body: TokenizeRequest, service: Annotated[CompletionService, Depends(completion_service)]) -> TokenizeResponse:
+        """vLLM's /tokenize: `prompt` as /v1/completions reads it, or `messages` as /v1/chat/completions renders them."""
+        chat = service.chat
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "Send either 'prompt' or 'messages'.", param="prompt", code="invalid_value")
+        if body.messages is not None:
+            if not body.add_generation_prompt:
+                raise APIError(400, "add_generation_prompt=false is not supported: the format always ends with the "
+                               "assistant's turn opening.", param="add_generation_prompt", code="unsupported_parameter")
+            request = ChatCompletionRequest.model_construct(  # fields already validated by TokenizeRequest
+                model=chat.model_name, messages=body.messages, tools=body.tools, tool_choice=body.tool_choice,
+                functions=None, function_call=None)
+            ids = render_chat(request, chat.fmt, chat.encoder).ids
+        else:
+            ids = service.prompt_ids(body.prompt) if body.prompt else []
+        strs = [chat.token_texts(i)[0] for i in ids] if body.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=chat.engine.max_model_len, tokens=ids, token_strs=strs)
+
+    @app.post("/detokenize", dependencies=[Auth])
+    async def detokenize(body: DetokenizeRequest, service: Annotated[CompletionService, Depends(completion_service)]) -> DetokenizeResponse:
+        """vLLM's /detokenize: token ids -> text, control tokens spelled out."""
+        ids = service.prompt_ids(body.tokens, param="tokens") if body.tokens else []
+        return DetokenizeResponse(prompt=service.chat.engine.tokenizer.decode(ids))
 
     return app
 
 
-async def _unless_disconnected(request: Request, work: Awaitable[ChatCompletion]) -> ChatCompletion | None:
+async def _answer(request: Request, work: Awaitable[BaseModel]) -> Response:
+    """The JSON answer of a non-streaming request, or 499 if the client left first."""
+    answer = await _unless_disconnected(request, work)
+    if answer is None:
+        return Response(status_code=499)  # nobody is listening; the sequences were cancelled
+    return JSONResponse(answer.model_dump(mode="json"))
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[BaseModel]) -> BaseModel | None:
     """Run `work`, cancelling it (and so its sequence) if the client disconnects first."""
     task = asyncio.ensure_future(work)
 

@@ -7,13 +7,25 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
-ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions")
+ROUTES = (
+    "/health",
+    "/metrics",
+    "/v1/models",
+    "/v1/chat/completions",
+    "/v1/chat/completions/render",
+    "/v1/completions",
+    "/v1/responses",
+    "/tokenize",
+    "/detokenize",
+)
 
 
 def route_label(path: str) -> str:
     """A bounded label for a path: the route it belongs to, or `other` (no cardinality blow-up)."""
     if path.startswith("/v1/models/"):
         return "/v1/models/{model}"
+    if path.startswith("/v1/responses/"):
+        return "/v1/responses/{id}"
     return path if path in ROUTES else "other"
 
 

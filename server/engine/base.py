@@ -76,7 +76,12 @@ class TokenLogprob:
 
 @dataclass(frozen=True)
 class StepOutput:
-    """New tokens of one sequence (stop token removed); `finish_reason` on the last one."""
+    """New tokens of one sequence (stop token removed); `finish_reason` on the last one.
+
+    `logprobs` (when the request asked for them) has one entry per token of `token_ids`, in order;
+    the built-in engine reports the distribution after penalties, bias and masks, before
+    temperature/top-p (README "Logprobs").
+    """
 
     token_ids: list[int]
     finish_reason: Literal["stop", "length"] | None = None

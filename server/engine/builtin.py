@@ -4,7 +4,8 @@ Generation runs in transformers' continuous-batching manager (paged KV cache, se
 leave at step boundaries, its own background thread), so the event loop never blocks on the
 model. This module adds what a server needs around it:
 
-* per-request sampling, seeds, penalties and forced tool names (`server.engine.sampling`);
+* per-request sampling, seeds, penalties, logit bias, logprobs and forced tool names
+  (`server.engine.sampling`);
 * grammars (`SamplingParams.grammar`): an llguidance matcher per sequence
   (`server.engine.guidance`), its tokenizer built on the first request that has one;
 * admission control: at most `max_running` sequences in the batch and `max_queued` waiting;
@@ -221,14 +222,20 @@ class BuiltinGeneration(Generation):
             raise EngineError(str(output.error))
         tokens = list(output.generated_tokens[self._seen :])
         self._seen = len(output.generated_tokens)
+        logprobs = None
+        if self.params.logprobs is not None:
+            logprobs = self._engine.sampler.take_logprobs(self._id, len(tokens))
+            if [entry.token_id for entry in logprobs] != tokens:
+                raise EngineError("logprobs out of step with the generated tokens")  # a bug, never input
         if not output.is_finished():
-            return StepOutput(tokens)
+            return StepOutput(tokens, logprobs=logprobs)
         reason: Literal["stop", "length"] = "length"
         if tokens and tokens[-1] in self._engine.stop_ids:
             tokens, reason = tokens[:-1], "stop"
+            logprobs = logprobs[:-1] if logprobs is not None else None
         elif self._seen < self.params.max_new_tokens:
             reason = "stop"
-        return StepOutput(tokens, reason)
+        return StepOutput(tokens, reason, logprobs)
 
     def _cancel(self, *, finished: bool) -> None:
         engine = self._engine

@@ -9,11 +9,17 @@ list and handles each row of the batch with that row's own request settings:
   (`server.engine.guidance`) is fed the sequence's new tokens in `prepare_tensor_args` and masks
   its row before anything else, so top-p never sees a disallowed token (an all -inf row would be
   NaN);
+* OpenAI `logit_bias` (additive, per token id);
 * a forced choice (`tool_choice: required`): the first tokens must follow one of the given token
   sequences (the tool names), enforced by masking to the children of a token trie;
 * temperature/top-p sampling with a per-request `torch.Generator` (so `seed` is reproducible
   whatever else is in the batch). The sampled token is returned as a one-hot row and the
-  manager, which runs greedy, picks it with its argmax. Temperature 0 stays greedy.
+  manager, which runs greedy, picks it with its argmax. Temperature 0 stays greedy;
+* logprobs (when asked): `log_softmax` of the row after penalties, bias and masks and before
+  temperature/top-p, i.e. the model's distribution as this request shaped it, at temperature 1
+  (what OpenAI reports). The chosen token's logprob and the top-k alternatives are recorded per
+  step and handed to the request's `Generation` by `take_logprobs`. Masked tokens (forced choice)
+  have logprob -inf, reported as -9999.0 like OpenAI does for impossible tokens.
 
 The manager calls `prepare_tensor_args` with the batch's requests (those getting a new token) in
 the same order as the score rows, right before `__call__`, on its own thread.
@@ -27,8 +33,11 @@ from typing import Any
 import torch
 from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessor
 
-from server.engine.base import SamplingParams
+from server.engine.base import SamplingParams, TokenLogprob
 from server.engine.guidance import SequenceGrammar
+
+#: OpenAI's stand-in for the logprob of a token that cannot be chosen (JSON has no -inf).
+MIN_LOGPROB = -9999.0
 
 
 class _RequestSampler:
@@ -37,6 +46,11 @@ class _RequestSampler:
         self.grammar = grammar
         self.mask: torch.Tensor | None = None  # allowed tokens for the coming step, under `grammar`
         self.generator: torch.Generator | None = None
+        self.logprobs: list[TokenLogprob] = []  # recorded by `process`, taken by the request
+        self._bias: tuple[torch.Tensor, torch.Tensor] | None = None
+        if params.logit_bias:
+            ids, values = zip(*params.logit_bias)
+            self._bias = torch.tensor(ids, dtype=torch.long), torch.tensor(values)
         if not params.greedy:
             self.generator = torch.Generator()
             if params.seed is not None:
@@ -66,12 +80,18 @@ class _RequestSampler:
             ids = torch.tensor(generated, dtype=torch.long, device=row.device)
             counts = torch.bincount(ids, minlength=row.numel())[: row.numel()].to(row.dtype)
             row = row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(row.dtype)
+        if self._bias is not None:
+            ids, values = self._bias
+            keep = ids < row.numel()  # ids past the model's rows (tokenizer padding) cannot be chosen anyway
+            row = row.index_add(0, ids[keep].to(row.device), values[keep].to(row.device, row.dtype))
         allowed = self.allowed(generated)
         if allowed is not None:
             mask = torch.full_like(row, float("-inf"))
             mask[allowed] = 0
             row = row + mask
         if p.greedy:
+            if p.logprobs is not None:
+                self._record(row, int(row.argmax().item()))  # the manager's argmax picks the same token
             return row
         probs = torch.softmax(row.float() / p.temperature, dim=-1)
         if p.top_p < 1.0:
@@ -84,9 +104,21 @@ class _RequestSampler:
         cdf = probs.cpu().cumsum(-1)
         draw = torch.rand(1, generator=self.generator) * cdf[-1]
         token = int(torch.searchsorted(cdf, draw).clamp(max=cdf.numel() - 1).item())
+        if p.logprobs is not None:
+            self._record(row, token)
         onehot = torch.full_like(row, float("-inf"))
         onehot[token] = 0
         return onehot
+
+
+    def _record(self, row: torch.Tensor, token: int) -> None:
+        """Note the logprob of `token` and the top alternatives under `row` (temperature 1)."""
+        logprobs = torch.log_softmax(row.float(), dim=-1).clamp(min=MIN_LOGPROB)
+        top: tuple[tuple[int, float], ...] = ()
+        if self.params.logprobs:
+            values, ids = logprobs.topk(min(self.params.logprobs, logprobs.numel()))
+            top = tuple(zip(ids.tolist(), values.tolist()))
+        self.logprobs.append(TokenLogprob(token, float(logprobs[token].item()), top))
 
 
 class PerRequestSampler(ContinuousBatchingLogitsProcessor):
@@ -101,11 +133,25 @@ class PerRequestSampler(ContinuousBatchingLogitsProcessor):
         self._rows: list[Any] = []
 
     def register(self, request_id: str, params: SamplingParams, grammar: SequenceGrammar | None = None) -> None:
-        plain = not (params.forced_choices or params.presence_penalty or params.frequency_penalty or grammar)
+        plain = not (params.forced_choices or params.presence_penalty or params.frequency_penalty
+                     or params.logit_bias or params.logprobs is not None or grammar)
         if params.greedy and plain:
             return  # plain greedy: the manager's own argmax
         with self._lock:
             self._samplers[request_id] = _RequestSampler(params, grammar)
+
+    def take_logprobs(self, request_id: str, count: int) -> list[TokenLogprob]:
+        """The logprobs of the request's next `count` generated tokens, in order.
+
+        `process` runs on the manager's thread before the tokens it picks are reported, so by the
+        time a request sees `count` new tokens their entries are recorded.
+        """
+        with self._lock:
+            sampler = self._samplers.get(request_id)
+            if sampler is None:
+                return []
+            taken, sampler.logprobs[:count] = sampler.logprobs[:count], []
+            return taken
 
     def forget(self, request_id: str) -> None:
         with self._lock:

@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-__all__ = ["IncrementalDetokenizer"]
+__all__ = ["IncrementalDetokenizer", "token_bytes"]
 
 Strategy = Literal["auto", "bytes", "window"]
 
@@ -61,6 +61,25 @@ def _is_byte_level(tokenizer: Any) -> bool:
     except ImportError:  # pragma: no cover - tokenizers is a hard dependency
         return False
     return isinstance(backend.decoder, decoders.ByteLevel)
+
+
+def byte_level_bytes(tokenizer: Any, token_id: int) -> bytes:
+    """The bytes the tokenizers ByteLevel decoder produces for one token of a byte-level tokenizer."""
+    token = tokenizer.convert_ids_to_tokens(token_id)
+    if token is None:  # unknown id: tokenizers' decode skips it
+        return b""
+    try:
+        return bytes(_BYTE_DECODER[char] for char in token)
+    except KeyError:  # a token with characters outside the byte map is kept as UTF-8 text
+        return token.encode("utf-8")
+
+
+def token_bytes(tokenizer: Any, token_id: int) -> bytes:
+    """One token's own bytes (OpenAI's logprob `bytes`): exact for byte-level BPE, where a token
+    may hold part of a UTF-8 character; the token decoded alone for other tokenizers."""
+    if _is_byte_level(tokenizer):
+        return byte_level_bytes(tokenizer, token_id)
+    return tokenizer.decode([token_id]).encode("utf-8")
 
 
 class IncrementalDetokenizer:
@@ -129,18 +148,9 @@ class IncrementalDetokenizer:
     def _bytes_of(self, token_id: int) -> bytes:
         """The bytes the tokenizers ByteLevel decoder produces for one token (cached per id)."""
         cached = self._token_bytes.get(token_id)
-        if cached is not None:
-            return cached
-        token = self.tokenizer.convert_ids_to_tokens(token_id)
-        if token is None:  # unknown id: tokenizers' decode skips it
-            data = b""
-        else:
-            try:
-                data = bytes(_BYTE_DECODER[char] for char in token)
-            except KeyError:  # a token with characters outside the byte map is kept as UTF-8 text
-                data = token.encode("utf-8")
-        self._token_bytes[token_id] = data
-        return data
+        if cached is None:
+            cached = self._token_bytes[token_id] = byte_level_bytes(self.tokenizer, token_id)
+        return cached
 
     # -- window strategy ------------------------------------------------------------------------
 
