@@ -18,7 +18,7 @@ from sse_starlette import EventSourceResponse
 from prompts import load_format
 from server.api.chat import ChatService
 from server.engine.base import Engine
-from server.engine.builtin import BuiltinEngine, load_model
+from server.engine.builtin import BuiltinEngine, load_model, stop_token_ids
 from server.api.errors import APIError, install_error_handlers
 from server.api.metrics import Metrics
 from server.api.middleware import RequestMiddleware
@@ -33,20 +33,14 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def build_engine(settings: Settings) -> Engine:
-    """Load the model named by the settings (or the demo model) and start batching."""
+    """The engine the settings name: built-in (load the model here) or vLLM (over HTTP or as a child)."""
+    model_path = _model_path(settings)
+    if settings.engine_url or settings.engine == "vllm":
+        return _vllm_engine(settings, model_path)
+    if settings.engine != "builtin":
+        raise SystemExit(f"unknown --engine {settings.engine!r}: use builtin or vllm")
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    model_path = settings.model
-    if settings.demo:
-        from server.demo import build_demo_model
-
-        log.warning("=" * 72)
-        log.warning("DEMO MODEL: a tiny model trained in a minute to call three demo tools.")
-        log.warning("It is not Qwen1.5-4B-agent and knows nothing else. Use --model for real work.")
-        log.warning("=" * 72)
-        model_path = str(build_demo_model(settings.demo_cache))
-    if not model_path:
-        raise SystemExit("no model: pass --model DIR (or --demo)")
     model, tokenizer = load_model(model_path, settings.adapter, dtype=settings.dtype, device=settings.device)
     engine = BuiltinEngine(
         model,
@@ -64,6 +58,63 @@ def build_engine(settings: Settings) -> Engine:
     return engine
 
 
+def _model_path(settings: Settings) -> str:
+    """`--model`, or the demo model (built once, cached) under `--demo`."""
+    if settings.demo:
+        from server.demo import build_demo_model
+
+        log.warning("=" * 72)
+        log.warning("DEMO MODEL: a tiny model trained in a minute to call three demo tools.")
+        log.warning("It is not Qwen1.5-4B-agent and knows nothing else. Use --model for real work.")
+        log.warning("=" * 72)
+        return str(build_demo_model(settings.demo_cache))
+    if not settings.model:
+        raise SystemExit("no model: pass --model DIR (or --demo)")
+    return settings.model
+
+
+def _vllm_engine(settings: Settings, model_path: str) -> Engine:
+    """vLLM over HTTP: at `--engine-url`, or a child process started by `--engine vllm`.
+
+    The model directory still gives the tokenizer: this server renders and detokenizes.
+    """
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from server.engine.vllm import VLLMEngine
+    from server.engine.vllm_process import VLLMProcess
+
+    if settings.engine_url and settings.engine == "vllm":
+        raise SystemExit("pass either --engine-url (a running vLLM) or --engine vllm (start one), not both")
+    if settings.adapter:
+        raise SystemExit("--adapter is for the built-in engine; for vLLM, `agent-server merge` first and serve the merged dir")
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    try:
+        declared = GenerationConfig.from_pretrained(model_path).eos_token_id
+    except OSError:
+        declared = None
+    process = None
+    if settings.engine == "vllm":
+        process = VLLMProcess(
+            settings.vllm_python,
+            model_path,
+            tensor_parallel_size=settings.tensor_parallel_size,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            max_model_len=settings.max_model_len,
+            dtype=settings.dtype,
+            extra_args=settings.vllm_args,
+        )
+    return VLLMEngine(
+        settings.engine_url or process.url,  # type: ignore[union-attr]
+        tokenizer,
+        stop_ids=stop_token_ids(tokenizer, declared),
+        max_model_len=settings.max_model_len,
+        max_running=settings.max_running,
+        max_queued=settings.max_queued,
+        startup_timeout=settings.engine_startup_timeout,
+        process=process,
+    )
+
+
 def chat_service(request: Request) -> ChatService:
     """Dependency: the request logic bound to the loaded engine."""
     return request.app.state.chat
@@ -79,6 +130,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         await active.start()
         app.state.engine = active
         app.state.chat = ChatService(active, load_format(), settings.served_model_name, metrics)
+        metrics.engine_info.labels(engine=active.name).set(1)
         metrics.running.set_function(lambda: active.running)
         metrics.queued.set_function(lambda: active.queued)
         app.state.started = int(time.time())

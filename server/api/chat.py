@@ -167,7 +167,16 @@ class ChatService:
                 headers={"Retry-After": "1"},
             ) from None
         except EngineUnavailable as exc:
+            self.metrics.engine_unavailable.inc()
             raise engine_unavailable(exc) from None
+
+    def _engine_failure(self, exc: EngineError) -> APIError:
+        """A 503 for a failure after admission: unreachable engine (clients retry) or an engine error."""
+        if isinstance(exc, EngineUnavailable):
+            self.metrics.engine_unavailable.inc()
+            return engine_unavailable(exc)
+        self.metrics.engine_errors.inc()
+        return APIError(503, f"Generation failed: {exc}. Please retry.", type="server_error")
 
     async def _run(self, chat: PreparedChat, generation: Generation, outcome: _Outcome) -> AsyncIterator[StreamEvent]:
         """Generate and parse; closing this generator early cancels the sequence in the engine."""
@@ -220,7 +229,7 @@ class ChatService:
         try:
             events = [event async for event in self._run(chat, generation, outcome)]
         except EngineError as exc:
-            raise APIError(503, f"Generation failed: {exc}. Please retry.", type="server_error") from None
+            raise self._engine_failure(exc) from None
         for event in events:
             if isinstance(event, ContentDelta):
                 content.append(event.text)
@@ -274,7 +283,7 @@ class ChatService:
                     else:
                         yield chunk(Delta(tool_calls=[ToolCallDelta(index=event.index, function=function)]))
         except EngineError as exc:  # headers are sent: report in-band, as OpenAI does
-            yield json.dumps(APIError(503, f"Generation failed: {exc}.", type="server_error").body())
+            yield json.dumps(self._engine_failure(exc).body())
             return
         legacy_call = chat.legacy_functions and outcome.finish_reason == "tool_calls"
         yield chunk(Delta(), "function_call" if legacy_call else outcome.finish_reason)
