@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import shlex
 import signal
 import socket
 import subprocess
 import sys
+import time
+from typing import IO
+
+import httpx
 
 __all__ = ["VLLMProcess", "free_port"]
 
@@ -53,6 +58,8 @@ class VLLMProcess:
         max_model_len: int | None = None,
         dtype: str = "auto",
         extra_args: str = "",
+        env: dict[str, str] | None = None,
+        log_file: IO[bytes] | None = None,
     ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -69,13 +76,21 @@ class VLLMProcess:
         if max_model_len:
             self.cmd += ["--max-model-len", str(max_model_len)]
         self.cmd += shlex.split(extra_args)
+        self.env = {**os.environ, **(env or {})}
+        self.log_file = log_file
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        """Start the child; its output goes to ours (vLLM's log is the user's log too)."""
+        """Start the child; its output goes to ours (vLLM's log is the user's log too) or to `log_file`."""
         log.info("starting vLLM: %s", shlex.join(self.cmd))
         try:
-            self.proc = subprocess.Popen(self.cmd, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+            self.proc = subprocess.Popen(
+                self.cmd,
+                env=self.env,
+                stdout=self.log_file,
+                stderr=subprocess.STDOUT if self.log_file else None,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
         except OSError as exc:
             raise RuntimeError(f"cannot start vLLM with {self.cmd[0]!r} ({exc}); set --vllm-python") from exc
 
@@ -86,6 +101,20 @@ class VLLMProcess:
                 f"vLLM exited with status {self.proc.returncode} during start-up (its log is above); "
                 f"command: {shlex.join(self.cmd)}"
             )
+
+    def wait_healthy(self, timeout: float) -> str:
+        """Block until `/health` answers 200 (for scripts and tests; the server waits asynchronously)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check_alive()
+            try:
+                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                    return self.url
+            except httpx.TransportError:
+                pass
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"vLLM did not answer /health within {timeout:g} s: {shlex.join(self.cmd)}")
+            time.sleep(0.5)  # pacing between polls
 
     def stop(self) -> None:
         """SIGTERM (vLLM stops its engine core and workers too), SIGKILL after 30 s."""
