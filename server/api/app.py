@@ -18,7 +18,7 @@ from sse_starlette import EventSourceResponse
 from prompts import load_format
 from server.api.chat import ChatService
 from server.engine.base import Engine
-from server.engine.builtin import BuiltinEngine, load_model, stop_token_ids
+from server.engine.builtin import BuiltinEngine, load_model
 from server.api.errors import APIError, install_error_handlers
 from server.api.metrics import Metrics
 from server.api.middleware import RequestMiddleware
@@ -78,9 +78,9 @@ def _vllm_engine(settings: Settings, model_path: str) -> Engine:
 
     The model directory still gives the tokenizer: this server renders and detokenizes.
     """
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import AutoTokenizer
 
-    from server.engine.vllm import VLLMEngine
+    from server.engine.vllm import VLLMEngine, model_stop_ids
     from server.engine.vllm_process import VLLMProcess
 
     if settings.engine_url and settings.engine == "vllm":
@@ -88,10 +88,6 @@ def _vllm_engine(settings: Settings, model_path: str) -> Engine:
     if settings.adapter:
         raise SystemExit("--adapter is for the built-in engine; for vLLM, `agent-server merge` first and serve the merged dir")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    try:
-        declared = GenerationConfig.from_pretrained(model_path).eos_token_id
-    except OSError:
-        declared = None
     process = None
     if settings.engine == "vllm":
         process = VLLMProcess(
@@ -106,7 +102,7 @@ def _vllm_engine(settings: Settings, model_path: str) -> Engine:
     return VLLMEngine(
         settings.engine_url or process.url,  # type: ignore[union-attr]
         tokenizer,
-        stop_ids=stop_token_ids(tokenizer, declared),
+        stop_ids=model_stop_ids(model_path, tokenizer),
         max_model_len=settings.max_model_len,
         max_running=settings.max_running,
         max_queued=settings.max_queued,

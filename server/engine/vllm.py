@@ -33,9 +33,10 @@ from server.engine.base import (
     StepOutput,
     TokenLogprob,
 )
+from server.engine.builtin import stop_token_ids
 from server.engine.vllm_process import VLLMProcess
 
-__all__ = ["EngineMismatch", "VLLMEngine", "choices_regex", "engine_root"]
+__all__ = ["EngineMismatch", "VLLMEngine", "choices_regex", "engine_root", "model_stop_ids"]
 
 log = logging.getLogger("agent_server.engine")
 
@@ -52,6 +53,17 @@ def engine_root(url: str) -> str:
     """`http://host:8000/v1/` -> `http://host:8000`: users may give the root or the OpenAI base URL."""
     root = url.strip().rstrip("/")
     return root.removesuffix("/v1").rstrip("/")
+
+
+def model_stop_ids(model_path: str, tokenizer: Any) -> list[int]:
+    """The stop ids the built-in engine uses for this model directory (without loading the weights)."""
+    from transformers import GenerationConfig
+
+    try:
+        declared = GenerationConfig.from_pretrained(model_path).eos_token_id
+    except OSError:
+        declared = None
+    return stop_token_ids(tokenizer, declared)
 
 
 def choices_regex(choices: list[str]) -> str:
@@ -208,10 +220,10 @@ class VLLMEngine(Engine):
             if healthy and not self._healthy:
                 try:
                     await self._check()
-                except EngineMismatch as exc:
-                    log.error("vLLM is back but cannot be served: %s", exc)
-                    healthy = False
                 except EngineUnavailable:
+                    healthy = False
+                except Exception as exc:  # noqa: BLE001 - the watcher must outlive any answer vLLM gives
+                    log.error("vLLM is back but cannot be served: %s", exc)
                     healthy = False
                 else:
                     log.warning("vLLM at %s is available again", self.root)
