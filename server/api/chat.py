@@ -191,11 +191,9 @@ class ChatService:
                 if outcome.completion_tokens == 0 and step.token_ids:
                     self.metrics.ttft.observe(time.perf_counter() - chat.started)
                 outcome.completion_tokens += len(step.token_ids)
-                for token_id in step.token_ids:
-                    for event in parser.feed(stops.feed(detok.push(token_id))):
-                        yield event
-                    if stops.stopped or parser.done:
-                        break
+                # Tokens that arrive together leave together: one parser pass, one chunk per step.
+                for event in parser.feed(stops.feed("".join(detok.push(token_id) for token_id in step.token_ids))):
+                    yield event
                 if stops.stopped or parser.done:
                     break
                 if step.finish_reason is not None:
