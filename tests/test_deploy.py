@@ -152,6 +152,7 @@ def test_dockerignore_keeps_models_and_environments_out_of_the_context():
         "models/Qwen1.5-4B-agent/model.safetensors",
         "Qwen1.5-4B-agent/model-00001-of-00002.safetensors",
         ".venv/bin/python",
+        ".venv-vllm/bin/python",
         ".git/HEAD",
         "tests/conftest.py",
         "server/__pycache__/app.cpython-311.pyc",
