@@ -24,6 +24,13 @@ What it measures, all on the same machine in the same run:
     the gain from batching alone; at concurrency 1, (a), (b) and (c) show what the engine and the
     HTTP layer cost over plain ``generate``.
 
+(d) ``over-vllm``: this server with ``--engine-url`` to a vLLM serving the same model (vLLM's CPU
+    build on a CPU machine: ``--vllm-python``, default ``$AGENT_SERVER_VLLM_PYTHON`` or
+    ``.venv-vllm/bin/python``; started here with ``--enforce-eager``).
+(e) ``vllm``: that vLLM's own ``/v1/completions``, streamed, with the same prompt ids and the same
+    request body the vLLM engine sends (``VLLMEngine.request_body``): the floor our layer adds to.
+    The ratio (d)/(e) is what rendering, detokenizing, parsing and OpenAI chunks cost over vLLM.
+
 Both servers are started at once on 127.0.0.1 with an OS-chosen port (the URL is read from the
 log) and measured one after the other (an idle server uses no CPU). For each concurrency level C,
 C workers send streaming chat completions (``stream_options.include_usage``) back to back until
@@ -63,10 +70,11 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from server.launcher import ServerProcess
+from server.launcher import REPO_ROOT, ServerProcess
 
 _STARTED = time.perf_counter()
 
@@ -173,12 +181,68 @@ def request_body(model_name: str, index: int, max_tokens: int, temperature: floa
     return body
 
 
-async def one_request(client: Any, body: dict[str, Any]) -> RequestResult:
-    """One streamed chat completion, timed chunk by chunk."""
+#: Request i of a level: (path, body). Chat servers get chat requests; vLLM its own completions.
+RequestFactory = Callable[[int], tuple[str, dict[str, Any]]]
+
+
+class Target(Protocol):
+    """What a level runs against: a base URL, and the CPU seconds the serving side has used."""
+
+    url: str
+
+    def cpu_seconds(self) -> float | None: ...
+
+
+def chat_requests(model_name: str, max_tokens: int, temperature: float) -> RequestFactory:
+    return lambda index: ("/v1/chat/completions", request_body(model_name, index, max_tokens, temperature))
+
+
+def vllm_requests(url: str, model_dir: str, max_tokens: int, temperature: float) -> RequestFactory:
+    """vLLM's own `/v1/completions`: the prompt ids our server renders and the body our vLLM engine sends."""
+    from transformers import AutoTokenizer
+
+    from server.engine.base import SamplingParams
+    from server.engine.vllm import VLLMEngine, model_stop_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    engine = VLLMEngine(url, tokenizer, stop_ids=model_stop_ids(model_dir, tokenizer))
+    engine.model_id = asyncio.run(served_model_name(url))
+    all_ids = prompt_ids(tokenizer)
+
+    def make(index: int) -> tuple[str, dict[str, Any]]:
+        params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature,
+                                seed=index if temperature > 0 else None)
+        body = engine.request_body(all_ids[index % len(all_ids)], params)
+        return "/v1/completions", {**body, "stream_options": {"include_usage": True}}
+
+    return make
+
+
+class VLLMTarget:
+    """A vLLM: its URL and, when we started it, the CPU time of its process tree (API server + engine)."""
+
+    def __init__(self, url: str, process: Any = None) -> None:
+        self.process = process
+        self.url = url
+
+    def cpu_seconds(self) -> float | None:
+        if self.process is None:
+            return None
+        try:
+            import psutil
+
+            root = psutil.Process(self.process.proc.pid)
+            return sum(sum(p.cpu_times()[:2]) for p in [root, *root.children(recursive=True)])
+        except Exception:  # noqa: BLE001 - informational column
+            return None
+
+
+async def one_request(client: Any, body: dict[str, Any], path: str = "/v1/chat/completions") -> RequestResult:
+    """One streamed chat completion (or vLLM completion), timed chunk by chunk."""
     result = RequestResult(ok=False, start=time.perf_counter())
     last: float | None = None
     try:
-        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        async with client.stream("POST", path, json=body) as response:
             if response.status_code != 200:
                 text = (await response.aread()).decode(errors="replace")
                 result.error = f"HTTP {response.status_code}: {text[:200]}"
@@ -198,7 +262,8 @@ async def one_request(client: Any, body: dict[str, Any]) -> RequestResult:
                     result.completion_tokens = chunk["usage"]["completion_tokens"]
                 for choice in chunk.get("choices", []):
                     delta = choice.get("delta") or {}
-                    if delta.get("content") or delta.get("tool_calls"):
+                    # chat chunks carry `delta`; vLLM's completions chunks `text` / `token_ids`
+                    if delta.get("content") or delta.get("tool_calls") or choice.get("token_ids"):
                         if last is None:
                             result.ttft = now - result.start
                         else:
@@ -230,13 +295,12 @@ def check_lengths(results: list[RequestResult], max_tokens: int) -> list[str]:
 
 
 async def run_level(
-    server: ServerProcess,
+    server: Target,
     mode: str,
-    model_name: str,
+    make: RequestFactory,
     concurrency: int,
     n_requests: int,
     max_tokens: int,
-    temperature: float,
     time_limit: float,
 ) -> LevelResult:
     import httpx
@@ -255,7 +319,8 @@ async def run_level(
             for index in counter:
                 if time.perf_counter() >= deadline:
                     return
-                results.append(await one_request(client, request_body(model_name, index, max_tokens, temperature)))
+                path, body = make(index)
+                results.append(await one_request(client, body, path))
 
         workers = [asyncio.ensure_future(worker()) for _ in range(concurrency)]
         # Hard cap: requests still running a while after the deadline are cut off (and reported).
@@ -303,14 +368,14 @@ async def served_model_name(url: str) -> str:
         return response.json()["data"][0]["id"]
 
 
-async def warm_up(server: ServerProcess, model_name: str, max_tokens: int, temperature: float) -> list[str]:
+async def warm_up(server: Target, make: RequestFactory, max_tokens: int) -> list[str]:
     """One request per prompt, two at a time: first-call costs out of the way, prompts checked."""
     import httpx
 
     async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
         results = []
         for i in range(0, len(PROMPTS), 2):
-            batch = [one_request(client, request_body(model_name, j, max_tokens, temperature)) for j in (i, i + 1)]
+            batch = [one_request(client, make(j)[1], make(j)[0]) for j in (i, i + 1)]
             results += await asyncio.gather(*batch)
     return check_lengths(results, max_tokens)
 
@@ -448,6 +513,12 @@ def report(args: argparse.Namespace, levels: list[int], raws: list[RawResult], r
                 ratios[f"batching/one-at-a-time@{level}_per_cpu"] = a.tokens_per_server_cpu_s / b.tokens_per_server_cpu_s
                 line += f", {a.tokens_per_server_cpu_s / b.tokens_per_server_cpu_s:5.2f}x tok/CPU-s"
             print(line)
+    for level in levels:
+        ours, floor = by_key.get(("over-vllm", level)), by_key.get(("vllm", level))
+        if ours and floor and floor.tokens_per_s > 0:
+            ratios[f"over-vllm/vllm@{level}"] = ours.tokens_per_s / floor.tokens_per_s
+            print(f"agent-server over vLLM / vLLM's own /v1/completions at concurrency {level:>2}: "
+                  f"{ours.tokens_per_s / floor.tokens_per_s:5.2f}x tok/s")
     a1 = by_key.get(("batching", 1))
     if a1 and raw is not None and raw.tokens_per_s > 0:
         ratios["batching@1/raw"] = a1.tokens_per_s / raw.tokens_per_s
@@ -481,7 +552,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-running", type=int, default=None, help="batching server's max_running (default max(16, top level))")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda (servers and raw generate)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples with a fixed seed per request")
-    parser.add_argument("--modes", default="raw,batching,one-at-a-time", help="which of raw,batching,one-at-a-time to run")
+    parser.add_argument("--modes", default="raw,batching,one-at-a-time",
+                        help="which of raw,batching,one-at-a-time,over-vllm,vllm to run")
+    parser.add_argument("--vllm-python", default=default_vllm_python(),
+                        help="the Python with vLLM for over-vllm and vllm (default $AGENT_SERVER_VLLM_PYTHON or .venv-vllm)")
+    parser.add_argument("--vllm-url", help="use this running vLLM (serving --model) instead of starting one")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run each level this many times (interleaved) and report the median run (default 1)")
     parser.add_argument("--raw-seconds", type=float, default=5.0, help="least time spent timing raw generate (default 5)")
@@ -494,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
     modes = {m.strip() for m in args.modes.split(",") if m.strip()}
-    unknown = modes - {"raw", "batching", "one-at-a-time"}
+    unknown = modes - {"raw", "batching", "one-at-a-time", "over-vllm", "vllm"}
     if unknown or not levels or min(levels) < 1:
         parser.error(f"bad --modes {sorted(unknown)} or --concurrency {args.concurrency!r}")
     print(
@@ -512,10 +587,29 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer_dir = build_qwen_tokenizer(pathlib.Path(tmp) / "tok")
             model_dir = str(build_random_model(tokenizer_dir, pathlib.Path(tmp) / "model"))
         progress(f"model: {model_dir}")
-        return run_all(args, model_dir, levels, modes)
+        return run_all(args, model_dir, levels, modes, pathlib.Path(tmp))
 
 
-def run_all(args: argparse.Namespace, model_dir: str, levels: list[int], modes: set[str]) -> int:
+def default_vllm_python() -> str:
+    return os.environ.get("AGENT_SERVER_VLLM_PYTHON") or str(REPO_ROOT / ".venv-vllm" / "bin" / "python")
+
+
+def start_vllm(args: argparse.Namespace, model_dir: str, tmp: pathlib.Path) -> Any:
+    """vLLM on the same model (CPU-friendly settings; caches and its log under `tmp`)."""
+    from server.engine.vllm_process import VLLMProcess
+
+    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    for name in ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "TMPDIR"):
+        (tmp / name).mkdir(exist_ok=True)
+        env[name] = str(tmp / name)
+    log_file = open(tmp / "vllm.log", "wb")  # noqa: SIM115 - lives as long as the process
+    process = VLLMProcess(args.vllm_python, model_dir, extra_args="--enforce-eager", env=env, log_file=log_file)
+    process.start()
+    progress(f"vLLM: {' '.join(process.cmd)} (log {tmp / 'vllm.log'})")
+    return process
+
+
+def run_all(args: argparse.Namespace, model_dir: str, levels: list[int], modes: set[str], tmp: pathlib.Path) -> int:
     results: dict[str, Any] = {
         "machine": {
             "cpus": os.cpu_count(),
@@ -537,7 +631,10 @@ def run_all(args: argparse.Namespace, model_dir: str, levels: list[int], modes: 
     if "one-at-a-time" in modes:
         server_args["one-at-a-time"] = common + ["--max-running", "1"]
 
+    running = max(16, max(levels))
     servers: dict[str, ServerProcess] = {}
+    targets: dict[str, Target] = {}
+    vllm = None
     rows: list[LevelResult] = []
     raws: list[RawResult] = []
     problems: list[str] = []
@@ -552,32 +649,46 @@ def run_all(args: argparse.Namespace, model_dir: str, levels: list[int], modes: 
     try:
         # All servers start at once, and the raw-generate model loads meanwhile; everything is
         # measured one thing at a time, while the others sit idle (an idle server uses no CPU).
+        if modes & {"over-vllm", "vllm"} and not args.vllm_url:
+            vllm = start_vllm(args, model_dir, tmp)
         for mode, sargs in server_args.items():
             servers[mode] = ServerProcess(sargs, name=mode)
             progress(f"server ({mode}): {' '.join(servers[mode].cmd[1:])}")
         raw = RawGenerate(model_dir, args.threads, args.device) if "raw" in modes else None
-        names: dict[str, str] = {}
+        factories: dict[str, RequestFactory] = {}
+        vllm_url = args.vllm_url or (vllm.wait_healthy(timeout=900) if vllm is not None else None)
+        if vllm_url:
+            progress(f"  vLLM ready at {vllm_url}")
+            if "over-vllm" in modes:
+                servers["over-vllm"] = ServerProcess(
+                    ["--model", model_dir, "--engine-url", vllm_url, "--max-running", str(args.max_running or running),
+                     "--max-queued", str(max(64, max(levels)))], name="over-vllm")
+            if "vllm" in modes:
+                targets["vllm"] = VLLMTarget(vllm_url, vllm)
+                factories["vllm"] = vllm_requests(vllm_url, model_dir, args.max_tokens, args.temperature)
         for mode, server in servers.items():
             server.wait_ready()
-            names[mode] = asyncio.run(served_model_name(server.url))
+            targets[mode] = server
+            factories[mode] = chat_requests(asyncio.run(served_model_name(server.url)), args.max_tokens, args.temperature)
             progress(f"  {mode} ready at {server.url}")
+        order = [m for m in ("batching", "one-at-a-time", "over-vllm", "vllm") if m in targets]
         if raw is not None:
             measure_raw("before the HTTP runs")
-        for mode, server in servers.items():
-            warm = asyncio.run(warm_up(server, names[mode], args.max_tokens, args.temperature))
+        for mode in order:
+            warm = asyncio.run(warm_up(targets[mode], factories[mode], args.max_tokens))
             problems += [f"{mode} warm-up: {p}" for p in warm]
         if not problems:
             # Levels outer, repeats and servers inner: a burst of other work on the machine hits
-            # both servers alike.
+            # all servers alike.
             for level in levels:
-                runs: dict[str, list[LevelResult]] = {mode: [] for mode in servers}
+                runs: dict[str, list[LevelResult]] = {mode: [] for mode in order}
                 for repeat in range(args.repeats):
-                    for mode, server in servers.items():
+                    for mode in order:
                         which = f", run {repeat + 1}/{args.repeats}" if args.repeats > 1 else ""
                         progress(f"  {mode}: concurrency {level}{which} ...")
                         row = asyncio.run(
-                            run_level(server, mode, names[mode], level, args.requests_per_level, args.max_tokens,
-                                      args.temperature, args.time_limit)
+                            run_level(targets[mode], mode, factories[mode], level, args.requests_per_level,
+                                      args.max_tokens, args.time_limit)
                         )
                         runs[mode].append(row)
                         problems += [f"{mode} c={level}: {p}" for p in row.errors]
@@ -595,6 +706,8 @@ def run_all(args: argparse.Namespace, model_dir: str, levels: list[int], modes: 
     finally:
         for server in servers.values():
             server.stop()
+        if vllm is not None:
+            vllm.stop()
 
     ratios = report(args, levels, raws, rows)
     results["raw"] = [asdict(r) for r in raws]

@@ -21,7 +21,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         if str(f.type).startswith("bool"):
             serve.add_argument(flag, action="store_true", default=None, help=help_text)
         else:
-            kind = int if str(f.type).startswith("int") else str
+            kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
             serve.add_argument(flag, type=kind, default=None, help=help_text)
 
 

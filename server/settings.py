@@ -26,6 +26,22 @@ class Settings:
     max_queued: int = field(default=64, metadata={"help": "requests waiting beyond max_running before 429"})
     kv_cache_tokens: int | None = field(default=None, metadata={"help": "paged KV cache size in tokens (default 4 x max_model_len)"})
     max_batch_tokens: int = field(default=512, metadata={"help": "tokens per engine step (prefill chunk)"})
+    engine: str = field(
+        default="builtin",
+        metadata={"help": "builtin (transformers, in this process) or vllm (start a vLLM server as a child process)"},
+    )
+    engine_url: str | None = field(
+        default=None, metadata={"help": "serve through a running vLLM server at this URL (its root, with or without /v1)"}
+    )
+    engine_startup_timeout: int = field(
+        default=300, metadata={"help": "seconds to wait for the vLLM engine at start-up before refusing to start"}
+    )
+    vllm_python: str = field(default="python", metadata={"help": "--engine vllm: the Python that has vLLM installed"})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "--engine vllm: GPUs per model replica (vLLM -tp)"})
+    gpu_memory_utilization: float = field(
+        default=0.9, metadata={"help": "--engine vllm: fraction of GPU memory vLLM may use"}
+    )
+    vllm_args: str = field(default="", metadata={"help": "--engine vllm: extra vLLM flags, e.g. \"--data-parallel-size 2\""})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
     strict_tools: bool = field(
         default=False, metadata={"help": "hold auto-mode tool calls to their schemas, as if every tool had strict: true"}
@@ -64,4 +80,6 @@ def _convert(kind: Any, raw: str) -> Any:
         return raw.strip().lower() in ("1", "true", "yes", "on")
     if kind.startswith("int"):
         return int(raw)
+    if kind.startswith("float"):
+        return float(raw)
     return raw

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import pytest
 
-from server.launcher import ServerProcess
+from server.launcher import REPO_ROOT, ServerProcess
+
+#: The engines the end-to-end suite runs on: every test using `trained_server`/`client` runs on each.
+ENGINES = ["builtin", "vllm"]
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +58,9 @@ def trained_model_dir(demo_cache_dir: pathlib.Path) -> pathlib.Path:
 
 
 class RunningServer(ServerProcess):
-    """A started server: `url` is ready when construction returns."""
+    """A started server: `url` is ready when construction returns; `engine` names its engine."""
+
+    engine = "builtin"
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
         super().__init__(["--threads", "1", *args], env=env)
@@ -77,9 +83,61 @@ def start_server():
 
 
 @pytest.fixture(scope="session")
-def trained_server(start_server, trained_model_dir: pathlib.Path) -> RunningServer:
-    """The trained tiny model served once per test run, with default settings."""
-    return start_server("--model", str(trained_model_dir))
+def vllm_python() -> str:
+    """The Python that has vLLM: $AGENT_SERVER_VLLM_PYTHON, else .venv-vllm (python3 dev.py vllm-setup).
+
+    Without one the vLLM legs skip, except under CI (env `CI` set), where they must run.
+    """
+    python = os.environ.get("AGENT_SERVER_VLLM_PYTHON") or str(REPO_ROOT / ".venv-vllm" / "bin" / "python")
+    if not os.access(python, os.X_OK):
+        reason = f"vLLM not installed ({python} missing): run python3 dev.py vllm-setup or set AGENT_SERVER_VLLM_PYTHON"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return python
+
+
+@pytest.fixture(scope="session")
+def vllm_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment for a CPU vLLM in tests: a small KV cache, caches and temp files in the test's temp dir."""
+    root = tmp_path_factory.mktemp("vllm")
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+    for name in ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "TMPDIR"):
+        (root / name).mkdir()
+        env[name] = str(root / name)
+    return env
+
+
+@pytest.fixture(scope="session")
+def vllm_server(vllm_python: str, vllm_env: dict[str, str], trained_model_dir: pathlib.Path, tmp_path_factory):
+    """One vLLM serving the demo model for the whole run (the vLLM legs' engine); its log is kept on failure."""
+    from server.engine.vllm_process import VLLMProcess
+
+    log_path = tmp_path_factory.mktemp("vllm_log") / "vllm.log"
+    with open(log_path, "wb") as log_file:
+        process = VLLMProcess(vllm_python, str(trained_model_dir), extra_args="--enforce-eager", env=vllm_env, log_file=log_file)
+        process.start()
+        try:
+            process.wait_healthy(timeout=600)
+        except RuntimeError as exc:
+            process.stop()
+            raise RuntimeError(f"{exc}\n{log_path.read_text(errors='replace')[-4000:]}") from None
+        yield process
+        process.stop()
+
+
+@pytest.fixture(scope="session", params=ENGINES)
+def trained_server(request: pytest.FixtureRequest, start_server, trained_model_dir: pathlib.Path) -> RunningServer:
+    """The trained tiny model served once per test run per engine, with default settings.
+
+    `vllm`: an agent-server with `--engine-url` to the session's vLLM (`vllm_server`).
+    """
+    args = ["--model", str(trained_model_dir)]
+    if request.param == "vllm":
+        args += ["--engine-url", request.getfixturevalue("vllm_server").url]
+    server = start_server(*args)
+    server.engine = request.param
+    return server
 
 
 @pytest.fixture()

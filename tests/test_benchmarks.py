@@ -46,6 +46,27 @@ def test_serving_benchmark_runs(tiny_model_dir: pathlib.Path, tmp_path: pathlib.
     assert results["raw"][0]["tokens_per_s"] > 0
 
 
+def test_serving_benchmark_vllm_legs(vllm_server, trained_model_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """agent-server over vLLM and vLLM's own /v1/completions, on the session's vLLM (no extra start-up)."""
+    out = tmp_path / "serving.json"
+    proc = _run(
+        [
+            "benchmarks.serving", "--model", str(trained_model_dir), "--vllm-url", vllm_server.url,
+            # The demo model's shortest greedy answer to the benchmark prompts is 3 tokens: 2 never stop early.
+            "--modes", "over-vllm,vllm", "--concurrency", "1,2", "--requests-per-level", "2", "--max-tokens", "2",
+            "--json", str(out),
+        ],
+        timeout=300,
+    )
+    assert "agent-server over vLLM / vLLM's own /v1/completions at concurrency  2" in proc.stdout
+    results = json.loads(out.read_text())
+    rows = {(r["mode"], r["concurrency"]): r for r in results["levels"]}
+    assert set(rows) == {(m, c) for m in ("over-vllm", "vllm") for c in (1, 2)}
+    for row in rows.values():
+        assert row["completed"] == row["requests"] == 2 and row["tokens"] == 4
+    assert results["problems"] == [] and results["ratios"]["over-vllm/vllm@2"] > 0
+
+
 def test_serving_benchmark_fails_loudly_on_short_answers() -> None:
     """A request that stops before max_tokens must fail the run, not count as a fast one."""
     from benchmarks.serving import RequestResult, check_lengths

@@ -152,6 +152,7 @@ def test_dockerignore_keeps_models_and_environments_out_of_the_context():
         "models/Qwen1.5-4B-agent/model.safetensors",
         "Qwen1.5-4B-agent/model-00001-of-00002.safetensors",
         ".venv/bin/python",
+        ".venv-vllm/bin/python",
         ".git/HEAD",
         "tests/conftest.py",
         "server/__pycache__/app.cpython-311.pyc",
@@ -178,12 +179,40 @@ def compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text("utf-8"))
 
 
-def test_compose_gpu_service(compose):
-    service = compose["services"]["agent-server"]
-    assert "profiles" not in service, "the GPU service is the default one"
+def test_compose_default_is_agent_server_over_vllm(compose):
+    services = compose["services"]
+    assert {name for name, s in services.items() if "profiles" not in s} == {"agent-server", "vllm"}
+    server = services["agent-server"]
+    assert "deploy" not in server, "agent-server only tokenizes: no GPU"
+    assert server["environment"]["AGENT_SERVER_ENGINE_URL"] == "http://vllm:8000"
+    assert "vllm" in server["depends_on"]
+
+
+def test_compose_vllm_service(compose):
+    vllm = compose["services"]["vllm"]
+    assert vllm["image"].startswith("${VLLM_IMAGE:-vllm/vllm-openai:")
+    assert "ports" not in vllm, "vLLM is reached through agent-server only"
+    (volume,) = vllm["volumes"]
+    assert volume == {"type": "bind", "source": "${MODEL_DIR:-./models/Qwen1.5-4B-agent}", "target": MODEL_MOUNT,
+                      "read_only": True}
+    devices = vllm["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    command = vllm["command"]
+    assert command[0] == MODEL_MOUNT
+    assert "--tensor-parallel-size=${VLLM_TENSOR_PARALLEL_SIZE:-1}" in command
+    assert '--structured-outputs-config={"backend": "guidance", "disable_any_whitespace": true}' in command
+    assert "--port=8000" in command and "--host=0.0.0.0" in command
+    assert "$$VLLM_EXTRA_ARGS" in vllm["entrypoint"][2] and "vllm serve" in vllm["entrypoint"][2]
+    assert any("http://127.0.0.1:8000/health" in part for part in vllm["healthcheck"]["test"])
+
+
+def test_compose_builtin_gpu_service(compose):
+    service = compose["services"]["agent-server-builtin"]
+    assert service["profiles"] == ["builtin"], "the single-container setup runs when asked for"
     devices = service["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     assert service["environment"]["AGENT_SERVER_DEVICE"] == "cuda"
+    assert "AGENT_SERVER_ENGINE_URL" not in service["environment"]
 
 
 def test_compose_cpu_service(compose):
@@ -193,7 +222,7 @@ def test_compose_cpu_service(compose):
     assert service["environment"]["AGENT_SERVER_DEVICE"] == "cpu"
 
 
-@pytest.mark.parametrize("name", ["agent-server", "agent-server-cpu"])
+@pytest.mark.parametrize("name", ["agent-server", "agent-server-builtin", "agent-server-cpu"])
 def test_compose_service_basics(compose, name):
     service = compose["services"][name]
     assert service["build"] == "."
@@ -261,11 +290,12 @@ def compose_config(*args: str, **env: str) -> dict:
 @needs_compose
 def test_compose_config_validates_with_defaults():
     services = compose_config()["services"]
-    assert set(services) == {"agent-server"}, "only the GPU service without a profile"
+    assert set(services) == {"agent-server", "vllm"}, "only the vLLM pair without a profile"
     service = services["agent-server"]
-    assert service["deploy"]["resources"]["reservations"]["devices"] == [
-        {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
-    ]
+    assert service["environment"]["AGENT_SERVER_ENGINE_URL"] == "http://vllm:8000"
+    vllm = services["vllm"]
+    assert vllm["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert "--tensor-parallel-size=1" in vllm["command"]
     (port,) = service["ports"]
     assert (port["target"], port["published"]) == (8000, "8000")
     (volume,) = service["volumes"]
@@ -295,6 +325,19 @@ def test_compose_config_takes_settings_from_the_environment():
         "agent",
         "2048",
     )
+
+
+@needs_compose
+def test_compose_config_vllm_settings_from_the_environment():
+    vllm = compose_config(VLLM_TENSOR_PARALLEL_SIZE="4", VLLM_EXTRA_ARGS="--data-parallel-size 2")["services"]["vllm"]
+    assert "--tensor-parallel-size=4" in vllm["command"]
+    assert vllm["environment"]["VLLM_EXTRA_ARGS"] == "--data-parallel-size 2"
+
+
+@needs_compose
+def test_compose_config_builtin_profile():
+    service = compose_config("--profile", "builtin")["services"]["agent-server-builtin"]
+    assert service["deploy"]["resources"]["reservations"]["devices"][0]["count"] == 1
 
 
 @needs_compose

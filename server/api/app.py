@@ -51,20 +51,14 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def build_engine(settings: Settings) -> Engine:
-    """Load the model named by the settings (or the demo model) and start batching."""
+    """The engine the settings name: built-in (load the model here) or vLLM (over HTTP or as a child)."""
+    model_path = _model_path(settings)
+    if settings.engine_url or settings.engine == "vllm":
+        return _vllm_engine(settings, model_path)
+    if settings.engine != "builtin":
+        raise SystemExit(f"unknown --engine {settings.engine!r}: use builtin or vllm")
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    model_path = settings.model
-    if settings.demo:
-        from server.demo import build_demo_model
-
-        log.warning("=" * 72)
-        log.warning("DEMO MODEL: a tiny model trained in a minute to call three demo tools.")
-        log.warning("It is not Qwen1.5-4B-agent and knows nothing else. Use --model for real work.")
-        log.warning("=" * 72)
-        model_path = str(build_demo_model(settings.demo_cache))
-    if not model_path:
-        raise SystemExit("no model: pass --model DIR (or --demo)")
     log.info("loading model from %s%s", model_path, f" with LoRA adapter {settings.adapter}" if settings.adapter else "")
     model, tokenizer = load_model(model_path, settings.adapter, dtype=settings.dtype, device=settings.device)
     engine = BuiltinEngine(
@@ -81,6 +75,59 @@ def build_engine(settings: Settings) -> Engine:
         settings.served_model_name, model_path, model.device, model.dtype, engine.max_model_len,
     )
     return engine
+
+
+def _model_path(settings: Settings) -> str:
+    """`--model`, or the demo model (built once, cached) under `--demo`."""
+    if settings.demo:
+        from server.demo import build_demo_model
+
+        log.warning("=" * 72)
+        log.warning("DEMO MODEL: a tiny model trained in a minute to call three demo tools.")
+        log.warning("It is not Qwen1.5-4B-agent and knows nothing else. Use --model for real work.")
+        log.warning("=" * 72)
+        return str(build_demo_model(settings.demo_cache))
+    if not settings.model:
+        raise SystemExit("no model: pass --model DIR (or --demo)")
+    return settings.model
+
+
+def _vllm_engine(settings: Settings, model_path: str) -> Engine:
+    """vLLM over HTTP: at `--engine-url`, or a child process started by `--engine vllm`.
+
+    The model directory still gives the tokenizer: this server renders and detokenizes.
+    """
+    from transformers import AutoTokenizer
+
+    from server.engine.vllm import VLLMEngine, model_stop_ids
+    from server.engine.vllm_process import VLLMProcess
+
+    if settings.engine_url and settings.engine == "vllm":
+        raise SystemExit("pass either --engine-url (a running vLLM) or --engine vllm (start one), not both")
+    if settings.adapter:
+        raise SystemExit("--adapter is for the built-in engine; for vLLM, `agent-server merge` first and serve the merged dir")
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    process = None
+    if settings.engine == "vllm":
+        process = VLLMProcess(
+            settings.vllm_python,
+            model_path,
+            tensor_parallel_size=settings.tensor_parallel_size,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            max_model_len=settings.max_model_len,
+            dtype=settings.dtype,
+            extra_args=settings.vllm_args,
+        )
+    return VLLMEngine(
+        settings.engine_url or process.url,  # type: ignore[union-attr]
+        tokenizer,
+        stop_ids=model_stop_ids(model_path, tokenizer),
+        max_model_len=settings.max_model_len,
+        max_running=settings.max_running,
+        max_queued=settings.max_queued,
+        startup_timeout=settings.engine_startup_timeout,
+        process=process,
+    )
 
 
 def chat_service(request: Request) -> ChatService:
@@ -112,6 +159,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         app.state.responses = ResponseService(
             app.state.chat, ResponseStore(settings.responses_store_size, settings.responses_ttl)
         )
+        metrics.engine_info.labels(engine=active.name).set(1)
         metrics.running.set_function(lambda: active.running)
         metrics.queued.set_function(lambda: active.queued)
         app.state.started = int(time.time())

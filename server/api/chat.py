@@ -302,7 +302,16 @@ class ChatService:
                 headers={"Retry-After": "1"},
             ) from None
         except EngineUnavailable as exc:
+            self.metrics.engine_unavailable.inc()
             raise engine_unavailable(exc) from None
+
+    def _engine_failure(self, exc: EngineError) -> APIError:
+        """A 503 for a failure after admission: unreachable engine (clients retry) or an engine error."""
+        if isinstance(exc, EngineUnavailable):
+            self.metrics.engine_unavailable.inc()
+            return engine_unavailable(exc)
+        self.metrics.engine_errors.inc()
+        return APIError(503, f"Generation failed: {exc}. Please retry.", type="server_error")
 
     async def events(self, chat: PreparedChat, generations: list[Generation]) -> AsyncIterator[tuple[int, ChoiceEvent]]:
         """Every choice's events, tagged with its index; each choice ends with `ChoiceDone`.
@@ -360,15 +369,10 @@ class ChatService:
                 if completion_tokens == 0 and step.token_ids:
                     self.metrics.ttft.observe(time.perf_counter() - chat.started)
                 completion_tokens += len(step.token_ids)
-                events: list[StreamEvent] = []
-                fed = 0
-                for token_id in step.token_ids:
-                    events += parser.feed(stops.feed(detok.push(token_id)))
-                    fed += 1
-                    if stops.stopped or parser.done:
-                        break
+                # Tokens that arrive together leave together: one parser pass, one chunk per step.
+                events = parser.feed(stops.feed("".join(detok.push(token_id) for token_id in step.token_ids)))
                 if step.logprobs:  # before the text they produced: a stream attaches them to the next chunk
-                    yield TokenLogprobs(tuple(step.logprobs[:fed]))
+                    yield TokenLogprobs(tuple(step.logprobs))
                 for event in events:
                     yield event
                 if stops.stopped or parser.done:
@@ -411,7 +415,7 @@ class ChatService:
                 async for index, event in events:
                     results[index].add(event)
         except EngineError as exc:
-            raise APIError(503, f"Generation failed: {exc}. Please retry.", type="server_error") from None
+            raise self._engine_failure(exc) from None
         return results
 
     async def complete(self, chat: PreparedChat, generations: list[Generation]) -> ChatCompletion:
@@ -481,7 +485,7 @@ class ChatService:
                         legacy_call = chat.legacy_functions and event.finish_reason == "tool_calls"
                         yield chunk(index, Delta(), "function_call" if legacy_call else event.finish_reason)
         except EngineError as exc:  # headers are sent: report in-band, as OpenAI does
-            yield json.dumps(APIError(503, f"Generation failed: {exc}.", type="server_error").body())
+            yield json.dumps(self._engine_failure(exc).body())
             return
         if chat.include_usage:
             usage = ChatCompletionChunk(id=chat.id, created=chat.created, model=chat.model, choices=[],

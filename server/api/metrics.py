@@ -44,6 +44,11 @@ class Metrics:
         self.completion_tokens = Counter("agent_server_completion_tokens", "Completion tokens generated", registry=r)
         self.running = Gauge("agent_server_requests_running", "Sequences in the batch", registry=r)
         self.queued = Gauge("agent_server_requests_queued", "Requests admitted and waiting for a batch slot", registry=r)
+        self.engine_info = Gauge("agent_server_engine_info", "The engine generating tokens (value 1)", ["engine"], registry=r)
+        self.engine_errors = Counter("agent_server_engine_errors", "Requests failed by an engine error", registry=r)
+        self.engine_unavailable = Counter(
+            "agent_server_engine_unavailable", "Requests answered 503 because the engine was unreachable", registry=r
+        )
         self.tool_calls = Counter("agent_server_tool_calls", "Tool calls returned to clients", registry=r)
         self.parse_failures = Counter(
             "agent_server_tool_parse_failures", "Outputs that tried a tool call that was not valid (returned as content)", registry=r

@@ -73,14 +73,16 @@ def load_model(
     return model.to(device).eval(), tokenizer
 
 
-def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """ChatML's `<|im_end|>` and `<|endoftext|>`, plus whatever the model declares as EOS."""
+def stop_token_ids(tokenizer: Any, declared: int | list[int] | None) -> list[int]:
+    """ChatML's `<|im_end|>` and `<|endoftext|>`, plus whatever the model declares as EOS.
+
+    `declared` is the generation config's `eos_token_id`; both engines stop on the same ids.
+    """
     ids: set[int] = set()
     for token in ("<|im_end|>", "<|endoftext|>"):
         token_id = tokenizer.convert_tokens_to_ids(token)
         if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
             ids.add(token_id)
-    declared = getattr(model.generation_config, "eos_token_id", None)
     ids.update([declared] if isinstance(declared, int) else declared or [])
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
@@ -120,7 +122,7 @@ class BuiltinEngine(Engine):
         self.kv_cache_tokens = max(kv_cache_tokens or 4 * self.max_model_len, self.max_model_len)
         self.page_size = page_size
         self.max_batch_tokens = max_batch_tokens
-        self.stop_ids = stop_token_ids(model, tokenizer)
+        self.stop_ids = stop_token_ids(tokenizer, getattr(model.generation_config, "eos_token_id", None))
         self.sampler = PerRequestSampler()
         self.grammars = GrammarCompiler(
             tokenizer, vocab_size=model.get_output_embeddings().weight.shape[0], eos_id=end_of_turn_id(model, tokenizer)
