@@ -33,6 +33,11 @@ class Settings:
     engine_url: str | None = field(
         default=None, metadata={"help": "serve through a running vLLM server at this URL (its root, with or without /v1)"}
     )
+    engine_grammar: bool = field(
+        default=False,
+        metadata={"help": "the vLLM at --engine-url runs with --structured-outputs-config "
+                          "'{\"backend\": \"guidance\", \"disable_any_whitespace\": true}': send it grammars"},
+    )
     engine_startup_timeout: int = field(
         default=300, metadata={"help": "seconds to wait for the vLLM engine at start-up before refusing to start"}
     )

@@ -134,7 +134,7 @@ def trained_server(request: pytest.FixtureRequest, start_server, trained_model_d
     """
     args = ["--model", str(trained_model_dir)]
     if request.param == "vllm":
-        args += ["--engine-url", request.getfixturevalue("vllm_server").url]
+        args += ["--engine-url", request.getfixturevalue("vllm_server").url, "--engine-grammar"]
     server = start_server(*args)
     server.engine = request.param
     return server

@@ -78,14 +78,6 @@ def test_seed_reproducible_whatever_the_batch(engine, loaded):
     assert asyncio.run(alone()) == asyncio.run(crowded())
 
 
-def test_forced_choices_constrain_the_first_tokens(engine, loaded):
-    _, tokenizer = loaded
-    choices = (tuple(tokenizer.encode(" get_weather\nAction Input:")), tuple(tokenizer.encode(" get_time\nAction Input:")))
-    tokens, _ = asyncio.run(collect(engine, tokenizer.encode("Action:"), SamplingParams(max_new_tokens=12, temperature=0,
-                                                                                        forced_choices=choices)))
-    assert any(tuple(tokens[: len(c)]) == c for c in choices)
-
-
 def test_grammar_holds_each_sequence_of_a_mixed_batch(engine, loaded):
     """Constrained (greedy and sampled) and free sequences side by side: each keeps its own matcher."""
     import jsonschema

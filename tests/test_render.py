@@ -81,7 +81,6 @@ def test_required_and_named_tool_choice_force_a_prefix_without_trailing_space(en
     messages = [{"role": "user", "content": "Weather?"}]
     required = render(messages, [WEATHER], "required", encoder=encoder)
     assert required.forced_prefix == "Action:"
-    assert required.forced_choices == (" get_weather\nAction Input:",)
     named = render(messages, [WEATHER], {"type": "function", "function": {"name": "get_weather"}}, encoder=encoder)
     assert named.forced_prefix == "Action: get_weather\nAction Input:"
     assert named.ids[-len(encoder.encode_text(named.forced_prefix)):] == encoder.encode_text(named.forced_prefix)

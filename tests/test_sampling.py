@@ -17,15 +17,6 @@ def test_openai_penalties_are_additive_over_generated_tokens():
     assert out[5].item() == -2.5 and out[7].item() == -1.5 and out[0].item() == 0
 
 
-def test_forced_choices_walk_a_token_trie_then_release():
-    sampler = _RequestSampler(SamplingParams(max_new_tokens=1, temperature=0, forced_choices=((1, 2, 3), (1, 4))))
-    assert sampler.allowed([]) == [1]
-    assert sampler.allowed([1]) == [2, 4]
-    assert sampler.allowed([1, 4]) is None  # a choice is complete: free from here
-    out = sampler.process(torch.zeros(6), [1])
-    assert torch.isinf(out[[0, 1, 3, 5]]).all() and out[2] == 0 and out[4] == 0
-
-
 def test_sampling_returns_a_one_hot_row_reproducible_by_seed():
     row = torch.randn(50, generator=torch.Generator().manual_seed(0))
     picks = [
@@ -78,7 +69,8 @@ def test_logit_bias_is_additive_and_logprobs_are_recorded_before_temperature():
 
 
 def test_masked_tokens_report_openai_minimum_not_infinity():
-    sampler = _RequestSampler(SamplingParams(max_new_tokens=1, temperature=0, forced_choices=((1,),), logprobs=3))
+    sampler = _RequestSampler(SamplingParams(max_new_tokens=1, temperature=0, logprobs=3))
+    sampler.mask = torch.tensor([False, True, False, False])  # what a grammar allows this step
     sampler.process(torch.zeros(4), [])
     (entry,) = sampler.logprobs
     assert entry.token_id == 1 and entry.logprob == pytest.approx(0.0)

@@ -23,7 +23,7 @@ import pytest
 
 from server.demo import WEATHER_TOOLS
 from server.engine.base import SamplingParams
-from server.engine.vllm import TOKENIZER_PROBE, VLLMEngine, choices_regex, engine_root
+from server.engine.vllm import TOKENIZER_PROBE, VLLMEngine, engine_root
 from server.engine.vllm_process import VLLMProcess, free_port
 from server.launcher import ServerProcess
 
@@ -44,11 +44,6 @@ def test_engine_url_with_or_without_v1(url):
     assert engine_root(url) == "http://h:8000"
 
 
-def test_choices_regex_escapes_all_but_word_characters():
-    assert choices_regex(["get_weather", "a-b.c", "天气"]) == r"(?:get_weather|a\x{2d}b\x{2e}c|\x{5929}\x{6c14})(?s:.*)"
-    assert choices_regex(["x|y*"]) == r"(?:x\x{7c}y\x{2a})(?s:.*)"
-
-
 @pytest.fixture(scope="module")
 def engine(qwen_tokenizer) -> VLLMEngine:
     return VLLMEngine("http://127.0.0.1:1/v1/", qwen_tokenizer, stop_ids=[151643, 151645])
@@ -63,17 +58,15 @@ def test_request_body_defaults(engine):
     }
 
 
-def test_request_body_maps_each_field(engine, qwen_tokenizer):
-    name = qwen_tokenizer.encode("get_weather")
+def test_request_body_maps_each_field(engine):
     params = SamplingParams(max_new_tokens=9, temperature=0.5, top_p=0.9, seed=7, presence_penalty=0.25,
-                            frequency_penalty=-0.5, logit_bias=((42, -100.0), (7, 2.5)), logprobs=3,
-                            forced_choices=(tuple(name), tuple(qwen_tokenizer.encode("天气"))))
+                            frequency_penalty=-0.5, logit_bias=((42, -100.0), (7, 2.5)), logprobs=3)
     body = engine.request_body([1], params)
     assert {k: body[k] for k in ("max_tokens", "temperature", "top_p", "seed", "presence_penalty", "frequency_penalty")} == {
         "max_tokens": 9, "temperature": 0.5, "top_p": 0.9, "seed": 7, "presence_penalty": 0.25, "frequency_penalty": -0.5}
     assert body["logit_bias"] == {"42": -100.0, "7": 2.5}
     assert body["logprobs"] == 3 and body["return_tokens_as_token_ids"] is True
-    assert body["structured_outputs"] == {"regex": choices_regex(["get_weather", "天气"])}
+    assert "structured_outputs" not in body
     grammar = 'start: "Action: " /[a-z]+/'
     with_grammar = engine.request_body([1], dataclasses.replace(params, grammar=grammar))
     assert with_grammar["structured_outputs"] == {"grammar": grammar}  # the grammar already holds the names
@@ -83,7 +76,7 @@ def test_every_sampling_field_reaches_vllm(engine):
     """A field added to SamplingParams that the vLLM engine ignores fails here."""
     default = SamplingParams(max_new_tokens=5)
     changed = {"max_new_tokens": 6, "temperature": 0.3, "top_p": 0.5, "seed": 1, "presence_penalty": 1.0,
-               "frequency_penalty": 1.0, "forced_choices": ((9,),), "logit_bias": ((1, 1.0),), "logprobs": 0,
+               "frequency_penalty": 1.0, "logit_bias": ((1, 1.0),), "logprobs": 0,
                "grammar": 'start: "x"'}
     assert set(changed) == {f.name for f in dataclasses.fields(SamplingParams)}
     base = engine.request_body([1], default)
@@ -191,6 +184,22 @@ def test_disconnect_aborts_the_request_in_vllm(one_slot, vllm_server, stream):
     assert sdk.chat.completions.create(model=MODEL, messages=PARIS, max_tokens=2).choices[0].finish_reason == "length"
     completed = re.findall(r"^agent_server_completion_tokens_total (\S+)$", httpx.get(one_slot.url + "/metrics").text, re.M)
     assert float(completed[0]) < 4000
+
+
+def test_an_external_vllm_not_declared_grammar_ready_refuses_constrained_requests(one_slot):
+    """Without --engine-grammar the server cannot know that vLLM enforces its grammars: a request that
+    needs one is a 400 naming the field, never an unconstrained answer; the rest is served."""
+    sdk = openai.OpenAI(base_url=one_slot.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    cases = [("tool_choice", {"tools": WEATHER_TOOLS, "tool_choice": "required"}),
+             ("response_format", {"response_format": {"type": "json_object"}}),
+             ("tools", {"tools": [{**WEATHER_TOOLS[0], "function": {**WEATHER_TOOLS[0]["function"], "strict": True}}]})]
+    for param, fields in cases:
+        with pytest.raises(openai.BadRequestError) as info:
+            sdk.chat.completions.create(model=MODEL, messages=PARIS, max_tokens=8, **fields)
+        assert info.value.body["param"] == param and info.value.body["code"] == "unsupported_parameter"
+        assert "--engine-grammar" in info.value.body["message"]
+    served = sdk.chat.completions.create(model=MODEL, messages=PARIS, tools=WEATHER_TOOLS, max_tokens=40, temperature=0)
+    assert served.choices[0].message.tool_calls[0].function.name == "get_weather"
 
 
 def test_overload_is_429_and_a_closed_stream_frees_the_slot(one_slot, vllm_server):

@@ -127,6 +127,7 @@ def _vllm_engine(settings: Settings, model_path: str) -> Engine:
         max_queued=settings.max_queued,
         startup_timeout=settings.engine_startup_timeout,
         process=process,
+        grammar=settings.engine_grammar,
     )
 
 

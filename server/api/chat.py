@@ -166,6 +166,22 @@ def request_grammar(req: ChatCompletionRequest, prompt: RenderedPrompt, fmt: Pro
         raise APIError(400, exc.message, param=exc.param, code="invalid_value") from None
 
 
+def grammar_unavailable(req: ChatCompletionRequest, engine: Engine) -> APIError:
+    """400 for a request that needs a grammar the engine would not enforce: refused, never answered
+    unconstrained. Names the field that asked for the constraint."""
+    param = "response_format" if req.response_format and req.response_format.type != "text" else (
+        "tool_choice" if req.tool_choice not in (None, "auto", "none") or req.function_call not in (None, "auto", "none")
+        else "tools")
+    return APIError(
+        400,
+        f"{param} needs grammar-constrained decoding, which this server's {engine.name} engine is not configured "
+        "for: start vLLM with --structured-outputs-config '{\"backend\": \"guidance\", \"disable_any_whitespace\": "
+        "true}' and agent-server with --engine-grammar (or use --engine vllm, which does both).",
+        param=param,
+        code="unsupported_parameter",
+    )
+
+
 def refuse(req: NeutralFields) -> None:
     """400 naming the first field set to something this server cannot honour, and why."""
     refused = req.unsupported_fields()
@@ -218,6 +234,8 @@ class ChatService:
                            param="top_logprobs", code="invalid_value")
         prompt = render_chat(req, self.fmt, self.encoder)
         grammar = request_grammar(req, prompt, self.fmt, self.strict_tools)
+        if grammar and not self.engine.supports_grammar:
+            raise grammar_unavailable(req, self.engine)
         requested = req.max_completion_tokens or req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         params = self.sampling(req, len(prompt.ids), requested, param,

@@ -70,7 +70,7 @@ class CompletionService:
         text = service.engine.tokenizer.decode(ids)
         params = service.sampling(req, len(ids), req.max_tokens, "max_tokens", logprobs=req.logprobs,
                                   prompt_param="prompt")
-        prompt = RenderedPrompt(text=text, ids=ids, forced_prefix="", forced_choices=(), tool_names=(),
+        prompt = RenderedPrompt(text=text, ids=ids, forced_prefix="", tool_names=(),
                                 tool_choice=ToolChoice("none"))
         chat = PreparedChat(
             id=new_id("cmpl-"),

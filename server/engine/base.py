@@ -50,9 +50,6 @@ class SamplingParams:
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    # Token sequences the output must start with one of (empty: unconstrained): the tool names
-    # under `tool_choice: "required"`.
-    forced_choices: tuple[tuple[int, ...], ...] = ()
     # Additive bias per token id (OpenAI `logit_bias`).
     logit_bias: tuple[tuple[int, float], ...] = ()
     # Return the chosen token's logprob and this many alternatives per token (None: no logprobs).
@@ -105,6 +102,12 @@ class Engine(abc.ABC):
     @property
     def queued(self) -> int:
         return self.admitted - self.running
+
+    @property
+    def supports_grammar(self) -> bool:
+        """Whether `SamplingParams.grammar` is enforced; requests that need one are refused otherwise,
+        never answered unconstrained."""
+        return True
 
     @property
     def available(self) -> bool:

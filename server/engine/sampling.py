@@ -10,15 +10,13 @@ list and handles each row of the batch with that row's own request settings:
   its row before anything else, so top-p never sees a disallowed token (an all -inf row would be
   NaN);
 * OpenAI `logit_bias` (additive, per token id);
-* a forced choice (`tool_choice: required`): the first tokens must follow one of the given token
-  sequences (the tool names), enforced by masking to the children of a token trie;
 * temperature/top-p sampling with a per-request `torch.Generator` (so `seed` is reproducible
   whatever else is in the batch). The sampled token is returned as a one-hot row and the
   manager, which runs greedy, picks it with its argmax. Temperature 0 stays greedy;
 * logprobs (when asked): `log_softmax` of the row after penalties, bias and masks and before
   temperature/top-p, i.e. the model's distribution as this request shaped it, at temperature 1
   (what OpenAI reports). The chosen token's logprob and the top-k alternatives are recorded per
-  step and handed to the request's `Generation` by `take_logprobs`. Masked tokens (forced choice)
+  step and handed to the request's `Generation` by `take_logprobs`. Masked tokens (grammar)
   have logprob -inf, reported as -9999.0 like OpenAI does for impossible tokens.
 
 The manager calls `prepare_tensor_args` with the batch's requests (those getting a new token) in
@@ -58,20 +56,6 @@ class _RequestSampler:
             else:
                 self.generator.seed()
 
-    def allowed(self, generated: list[int]) -> list[int] | None:
-        """Tokens allowed next under the forced choice, or None when unconstrained."""
-        if not self.params.forced_choices:
-            return None
-        n = len(generated)
-        options = {
-            choice[n]
-            for choice in self.params.forced_choices
-            if len(choice) > n and tuple(choice[:n]) == tuple(generated)
-        }
-        if not options or any(len(c) <= n and tuple(c) == tuple(generated[: len(c)]) for c in self.params.forced_choices):
-            return None  # a choice is complete: free generation from here
-        return sorted(options)
-
     def process(self, row: torch.Tensor, generated: list[int]) -> torch.Tensor:
         p = self.params
         if self.mask is not None:
@@ -84,11 +68,6 @@ class _RequestSampler:
             ids, values = self._bias
             keep = ids < row.numel()  # ids past the model's rows (tokenizer padding) cannot be chosen anyway
             row = row.index_add(0, ids[keep].to(row.device), values[keep].to(row.device, row.dtype))
-        allowed = self.allowed(generated)
-        if allowed is not None:
-            mask = torch.full_like(row, float("-inf"))
-            mask[allowed] = 0
-            row = row + mask
         if p.greedy:
             if p.logprobs is not None:
                 self._record(row, int(row.argmax().item()))  # the manager's argmax picks the same token
@@ -133,7 +112,7 @@ class PerRequestSampler(ContinuousBatchingLogitsProcessor):
         self._rows: list[Any] = []
 
     def register(self, request_id: str, params: SamplingParams, grammar: SequenceGrammar | None = None) -> None:
-        plain = not (params.forced_choices or params.presence_penalty or params.frequency_penalty
+        plain = not (params.presence_penalty or params.frequency_penalty
                      or params.logit_bias or params.logprobs is not None or grammar)
         if params.greedy and plain:
             return  # plain greedy: the manager's own argmax

@@ -36,7 +36,7 @@ from server.engine.base import (
 from server.engine.builtin import stop_token_ids
 from server.engine.vllm_process import VLLMProcess
 
-__all__ = ["EngineMismatch", "VLLMEngine", "choices_regex", "engine_root", "model_stop_ids"]
+__all__ = ["EngineMismatch", "VLLMEngine", "engine_root", "model_stop_ids"]
 
 log = logging.getLogger("agent_server.engine")
 
@@ -66,19 +66,6 @@ def model_stop_ids(model_path: str, tokenizer: Any) -> list[int]:
     return stop_token_ids(tokenizer, declared)
 
 
-def choices_regex(choices: list[str]) -> str:
-    """A regex (llguidance/Rust syntax) for text that starts with one of `choices`, then anything.
-
-    Every character but ASCII letters, digits and `_` is written as `\\x{..}`, which the Rust
-    regex syntax accepts for any code point, so no choice can smuggle in a metacharacter.
-    """
-
-    def escape(text: str) -> str:
-        return "".join(c if c.isascii() and (c.isalnum() or c == "_") else f"\\x{{{ord(c):x}}}" for c in text)
-
-    return "(?:" + "|".join(escape(c) for c in choices) + ")(?s:.*)"
-
-
 class VLLMEngine(Engine):
     """Generation by a vLLM server over HTTP (one pooled `httpx.AsyncClient`)."""
 
@@ -97,6 +84,7 @@ class VLLMEngine(Engine):
         connect_timeout: float = 5,
         health_interval: float = 1,
         process: VLLMProcess | None = None,
+        grammar: bool = False,
     ) -> None:
         super().__init__(max_running=max_running, max_queued=max_queued)
         self.root = engine_root(url)
@@ -107,6 +95,9 @@ class VLLMEngine(Engine):
         self.startup_timeout = startup_timeout
         self.health_interval = health_interval
         self.process = process
+        # vLLM enforces our llguidance grammars only with the guidance backend and pinned whitespace:
+        # a child we start has them; an external vLLM is trusted when the operator says so.
+        self._grammar = grammar or process is not None
         self.model_id = ""
         self._timeout = httpx.Timeout(connect=connect_timeout, read=None, write=30, pool=None)
         self.completions_url = httpx.URL(self.root + "/v1/completions")  # parsed once: not per request
@@ -118,6 +109,10 @@ class VLLMEngine(Engine):
     @property
     def available(self) -> bool:
         return self._healthy
+
+    @property
+    def supports_grammar(self) -> bool:
+        return self._grammar
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -270,9 +265,6 @@ class VLLMEngine(Engine):
             body["return_tokens_as_token_ids"] = True
         if params.grammar is not None:
             body["structured_outputs"] = {"grammar": params.grammar}
-        elif params.forced_choices:
-            texts = [self.tokenizer.decode(list(c), skip_special_tokens=False) for c in params.forced_choices]
-            body["structured_outputs"] = {"regex": choices_regex(texts)}
         return body
 
     def _generation(self, prompt_ids: list[int], params: SamplingParams) -> VLLMGeneration:

@@ -78,15 +78,14 @@ class RenderedPrompt:
 
     `text` is the prompt as one string (control tokens spelled out), without the forced prefix.
     `forced_prefix` is assistant text imposed by `tool_choice`; it is already at the end of `ids`
-    and counts as model output when parsing. For `required`, `forced_choices` are the texts the
-    model must continue with (one per tool: ` NAME\nAction Input:`). `tool_names` are the names a call may use (empty when
+    and counts as model output when parsing (what follows it under `required`/named is held by the
+    grammar, server.format.grammar). `tool_names` are the names a call may use (empty when
     tools are not offered or `tool_choice` is none: then no output is parsed as a call).
     """
 
     text: str
     ids: list[int]
     forced_prefix: str
-    forced_choices: tuple[str, ...]
     tool_names: tuple[str, ...]
     tool_choice: ToolChoice
 
@@ -501,9 +500,4 @@ def render_prompt(
         ids += encoder.encode_text(prefix)
     text = "".join(piece for item in items for piece, _ in item)
     names = tuple(t.name for t in specs) if choice.mode != "none" else ()
-    choices = ()
-    if choice.mode == "required":  # each choice completes the prefix into the named form
-        choices = tuple(fill(fmt.forced_named, name=name)[len(prefix) :] for name in names)
-    return RenderedPrompt(
-        text=text, ids=ids, forced_prefix=prefix, forced_choices=choices, tool_names=names, tool_choice=choice
-    )
+    return RenderedPrompt(text=text, ids=ids, forced_prefix=prefix, tool_names=names, tool_choice=choice)
