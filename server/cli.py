@@ -1,4 +1,4 @@
-"""`agent-server serve|merge` (also `python -m server`)."""
+"""`agent-server serve|merge|finetune` (also `python -m server`)."""
 
 from __future__ import annotations
 
@@ -62,5 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     merge_cmd.add_argument("--adapter", required=True, help="LoRA adapter directory (peft)")
     merge_cmd.add_argument("--out", required=True, help="output directory")
     merge_cmd.add_argument("--dtype", default="auto", help="auto (fp32 on CPU), float32, bfloat16, float16")
+    from server.finetune import cli as finetune_cli
+
+    finetune_cli.add_parser(sub)
     args = parser.parse_args(argv)
-    {"serve": serve, "merge": merge}[args.command](args)
+    {"serve": serve, "merge": merge, "finetune": finetune_cli.run}[args.command](args)
