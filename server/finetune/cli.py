@@ -20,6 +20,7 @@ _HELP = {
     "lora_alpha": "LoRA scale (default: 2 x rank)",
     "lora_dropout": "dropout on the LoRA input",
     "lora_target": "`all` (every linear layer but the output head) or module names, comma-separated",
+    "additional_target": "modules trained whole next to LoRA and saved with the adapter, comma-separated (e.g. norm)",
     "cutoff_len": "ids per row at most, shared out turn by turn as v0.6.3 did",
     "max_samples": "use the first N rows of each file",
     "learning_rate": "peak learning rate (AdamW)",
@@ -67,7 +68,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         args = typing.get_args(kind)
         if typing.get_origin(kind) is typing.Literal:
             parser.add_argument(flag, choices=args, default=default, help=help_text)
-        elif kind == list[str]:
+        elif list[str] in (kind, *args):
             parser.add_argument(flag, type=_csv, default=default, required=required, help=help_text)
         else:
             scalar = next((a for a in args if a is not type(None)), kind)

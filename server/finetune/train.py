@@ -49,6 +49,7 @@ class FinetuneConfig:
     lora_alpha: int | None = None  # v0.6.3: 2 x lora_rank
     lora_dropout: float = 0.1
     lora_target: list[str] = field(default_factory=lambda: ["all"])
+    additional_target: list[str] | None = None  # peft modules_to_save: trained whole, saved with the adapter
     cutoff_len: int = 1024
     max_samples: int | None = None
     learning_rate: float = 5e-5
@@ -150,6 +151,7 @@ def _load_model(config: FinetuneConfig) -> Any:
             lora_alpha=config.lora_alpha or 2 * config.lora_rank,
             lora_dropout=config.lora_dropout,
             target_modules=_lora_targets(model, config.lora_target),
+            modules_to_save=config.additional_target,
         )
         model = get_peft_model(model, lora)
     elif config.finetuning_type != "full":
