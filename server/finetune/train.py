@@ -175,12 +175,16 @@ def _last_checkpoint(config: FinetuneConfig) -> str | None:
     return last
 
 
-def build_trainer(config: FinetuneConfig, callbacks: Sequence[Any] = ()) -> Any:
-    """The `Trainer` for `config`: model (LoRA or full), tokenizer, rendered examples, arguments."""
+def build_trainer(
+    config: FinetuneConfig, examples: Sequence[Example] | None = None, callbacks: Sequence[Any] = ()
+) -> Any:
+    """The `Trainer` for `config`: model (LoRA or full), tokenizer, arguments, and the rendered rows of
+    `config.dataset` (or `examples`, already encoded, e.g. the demo model's built-in chats)."""
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, TrainingArguments
 
     tokenizer = AutoTokenizer.from_pretrained(config.model)
-    examples = load_examples(config, tokenizer)
+    if examples is None:
+        examples = load_examples(config, tokenizer)
     model = _load_model(config)
     args = TrainingArguments(
         output_dir=config.output_dir,
@@ -221,7 +225,7 @@ def finetune(config: FinetuneConfig, callbacks: Sequence[Any] = ()) -> dict[str,
     """Train, save the model (LoRA adapter or full weights) and tokenizer in `output_dir`; returns the
     train metrics (runtime, loss, tokens per second)."""
     resume = _last_checkpoint(config)
-    trainer = build_trainer(config, callbacks)
+    trainer = build_trainer(config, callbacks=callbacks)
     if resume:
         logger.info("resuming from %s", resume)
     started = time.perf_counter()
@@ -229,7 +233,6 @@ def finetune(config: FinetuneConfig, callbacks: Sequence[Any] = ()) -> dict[str,
     seconds = time.perf_counter() - started
     out = pathlib.Path(config.output_dir)
     trainer.save_model()
-    _save_generation_config(config, out)
     metrics = dict(result.metrics)
     epochs = trainer.state.epoch or 0.0
     metrics["train_tokens"] = int(sum(len(row["input_ids"]) for row in trainer.train_dataset) * epochs)
@@ -240,14 +243,6 @@ def finetune(config: FinetuneConfig, callbacks: Sequence[Any] = ()) -> dict[str,
     if config.plot_loss:
         plot_loss(out)
     return metrics
-
-
-def _save_generation_config(config: FinetuneConfig, out: pathlib.Path) -> None:
-    """A full fine-tune keeps the base model's stop tokens and greedy defaults (Qwen1.5's stop at
-    `<|im_end|>`); an adapter needs none."""
-    source = pathlib.Path(config.model) / "generation_config.json"
-    if config.finetuning_type == "full" and source.is_file():
-        (out / "generation_config.json").write_text(source.read_text("utf-8"), encoding="utf-8")
 
 
 def _smooth(values: Sequence[float]) -> list[float]:
