@@ -8,9 +8,10 @@ Qwen1.5 tokenizer and vocabulary, the real ``Qwen2ForCausalLM`` architecture loa
 a tool result.  A random model would emit noise, so a tiny one is fine-tuned on
 :data:`DEMO_EXAMPLES` until greedy decoding reproduces every answer exactly.
 
-The prompts are rendered with :func:`server.format.render.render_prompt`, so the model learns exactly the
-ids the server will feed it; a renderer change that alters those ids makes the demo model (and the
-tests that use it) fail loudly instead of drifting silently.
+Training is ``agent-server finetune``'s own path (:mod:`server.finetune`): the server's renderer
+builds the ids, v0.6.3's labels mark the answer, transformers' ``Trainer`` runs it with a progress
+bar. So the model learns exactly the ids the server will feed it; a renderer change that alters
+those ids makes the demo model (and the tests that use it) fail loudly instead of drifting silently.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 import typing
@@ -81,6 +82,8 @@ def run(args: argparse.Namespace) -> None:
     config = FinetuneConfig(**{f.name: getattr(args, f.name) for f in fields(FinetuneConfig)})
     if config.bf16 and config.fp16:
         sys.exit("agent-server finetune: pass --bf16 or --fp16, not both")
+    if config.plot_loss and importlib.util.find_spec("matplotlib") is None:  # fail before, not after, training
+        sys.exit("agent-server finetune: --plot-loss needs matplotlib: pip install 'agent-server[finetune]'")
     try:
         metrics = finetune(config)
     except (DataError, FileExistsError) as exc:
