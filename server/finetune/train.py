@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from transformers import Trainer
+from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
 from prompts import load_format
-from server.finetune.data import read_datasets
+from server.finetune.data import DataError, read_datasets
 from server.finetune.preprocess import IGNORE_INDEX, Example, encode_chats
+from server.format.render import PromptEncoder
 
 __all__ = ["FinetuneConfig", "SFTTrainer", "answer_logits", "build_trainer", "finetune", "load_examples", "plot_loss"]
 
@@ -74,9 +75,6 @@ class FinetuneConfig:
 def load_examples(config: FinetuneConfig, tokenizer: Any) -> list[Example]:
     """Read, render and cut every file; bad rows are logged with file and row, a file left with no
     usable row is an error (:class:`server.finetune.data.DataError`)."""
-    from server.finetune.data import DataError
-    from server.format.render import PromptEncoder
-
     fmt = load_format()
     encoder = PromptEncoder.from_tokenizer(tokenizer)
     examples: list[Example] = []
@@ -138,8 +136,6 @@ def _lora_targets(model: Any, targets: Sequence[str]) -> list[str]:
 
 
 def _load_model(config: FinetuneConfig) -> Any:
-    from transformers import AutoModelForCausalLM
-
     dtype = torch.bfloat16 if config.bf16 else torch.float16 if config.fp16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype)
     if config.finetuning_type == "lora":
@@ -180,8 +176,6 @@ def build_trainer(
 ) -> Any:
     """The `Trainer` for `config`: model (LoRA or full), tokenizer, arguments, and the rendered rows of
     `config.dataset` (or `examples`, already encoded, e.g. the demo model's built-in chats)."""
-    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, TrainingArguments
-
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     if examples is None:
         examples = load_examples(config, tokenizer)
@@ -199,7 +193,7 @@ def build_trainer(
         weight_decay=config.weight_decay,
         logging_steps=config.logging_steps,
         save_strategy="steps" if config.save_steps > 0 else "no",
-        save_steps=config.save_steps if config.save_steps > 0 else 500,
+        save_steps=max(config.save_steps, 1),
         seed=config.seed,
         bf16=config.bf16,
         fp16=config.fp16,
@@ -210,7 +204,7 @@ def build_trainer(
     )
     collator = DataCollatorForSeq2Seq(tokenizer=tokenizer, pad_to_multiple_of=8, label_pad_token_id=IGNORE_INDEX)
     rows = [{"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels} for e in examples]
-    trainer = SFTTrainer(
+    return SFTTrainer(
         model=model,
         args=args,
         train_dataset=rows,
@@ -218,7 +212,6 @@ def build_trainer(
         processing_class=tokenizer,
         callbacks=list(callbacks),
     )
-    return trainer
 
 
 def finetune(config: FinetuneConfig, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
