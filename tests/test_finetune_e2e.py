@@ -125,11 +125,13 @@ def test_full_finetune_is_served_with_every_trained_call_and_answer(full_model, 
 # ---------------------------------------------------------------------------------------------
 # LoRA on a trained base: `serve --adapter`, and `merge` then `serve --model`
 
+# New questions in the words the demo model knows: its tied output embeddings give a token it never
+# produced too small a logit for a rank-16 adapter to lift in seconds.
 LORA_ROWS = [
-    sharegpt("What's the weather in Tokyo?", "Tokyo", "9C, rainy", "It is 9C and rainy in Tokyo."),
-    sharegpt("How warm is it in Rome?", "Rome", "25C, sunny", "25C and sunny in Rome."),
+    sharegpt("Is it sunny in Tokyo?", "Tokyo", "18C, sunny", "It is 18C and sunny in Tokyo."),
+    sharegpt("How warm is Paris?", "Paris", "25C, sunny", "It is 25C and sunny in Paris."),
 ]
-LORA_ALPACA = {"instruction": "Say hello in French.", "input": "", "output": "Bonjour !"}
+LORA_ALPACA = {"instruction": "Greet me.", "input": "", "output": "Hello! How can I help you today?"}
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +142,7 @@ def lora_adapter(tmp_path_factory, trained_model_dir) -> tuple[pathlib.Path, lis
     run_finetune(
         "--model", str(trained_model_dir), "--dataset", ",".join(map(str, paths)), "--output-dir", str(out),
         "--finetuning-type", "lora", "--lora-target", "all", "--lora-rank", "16", "--lora-dropout", "0",
-        "--learning-rate", "1e-2", "--lr-scheduler-type", "constant", "--num-train-epochs", "60",
+        "--learning-rate", "1e-2", "--lr-scheduler-type", "constant", "--num-train-epochs", "80",
         "--per-device-train-batch-size", "3", "--gradient-accumulation-steps", "1", "--max-grad-norm", "0",
         "--logging-steps", "10", "--save-steps", "0", "--disable-tqdm",
     )  # fmt: skip
@@ -155,8 +157,10 @@ def test_lora_writes_an_adapter_on_every_linear_layer(lora_adapter):
     assert not (out / "model.safetensors").exists()
 
 
-def test_lora_adapter_is_served_with_every_trained_call_and_answer(lora_adapter, trained_model_dir, start_server):
+def test_lora_adapter_is_served_with_every_trained_call_and_answer(lora_adapter, trained_model_dir, start_server, trained_server):
     out, paths = lora_adapter
+    with pytest.raises(AssertionError):  # the base model alone does not give them: the adapter does
+        assert_serves_every_trained_turn(trained_server, paths)
     assert_serves_every_trained_turn(start_server("--model", str(trained_model_dir), "--adapter", str(out)), paths)
 
 
