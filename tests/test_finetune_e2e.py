@@ -129,7 +129,7 @@ def test_full_finetune_is_served_with_every_trained_call_and_answer(full_model, 
 # produced too small a logit for a rank-16 adapter to lift in seconds.
 LORA_ROWS = [
     sharegpt("Is it sunny in Tokyo?", "Tokyo", "18C, sunny", "It is 18C and sunny in Tokyo."),
-    sharegpt("How warm is Paris?", "Paris", "25C, sunny", "It is 25C and sunny in Paris."),
+    sharegpt("How warm is Paris?", "Paris", "18C, sunny", "It is 18C and sunny in Paris."),
 ]
 LORA_ALPACA = {"instruction": "Greet me.", "input": "", "output": "Hello! How can I help you today?"}
 
