@@ -22,7 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
 
 from prompts import load_format
 from server.finetune.data import DataError, read_datasets
@@ -179,6 +186,7 @@ def build_trainer(
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     if examples is None:
         examples = load_examples(config, tokenizer)
+    set_seed(config.seed)  # before the model: LoRA's initial weights come from this seed too
     model = _load_model(config)
     args = TrainingArguments(
         output_dir=config.output_dir,
