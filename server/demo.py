@@ -290,7 +290,7 @@ def _chats(examples: Sequence[DemoExample]) -> list[Chat]:
 def _encode_examples(examples: Sequence[DemoExample], encoder: PromptEncoder) -> list[Example]:
     """Input ids and labels of every example as ``agent-server finetune`` builds them, except that only
     the final answer is trained: a follow-up's earlier call is the request's history, not something
-    the demo must learn to say again (and its labels would make every training step longer)."""
+    the demo must learn to say again (in a tool-less follow-up it would even teach a call without tools)."""
     encoded, bad = encode_chats(_chats(examples), load_format(), encoder)
     if bad:
         raise ValueError(f"a demo example cannot be rendered: {bad[0]}")
@@ -341,7 +341,14 @@ class _StopWhenLearned(TrainerCallback):
     the whole set; early on it cannot hold). The weights checked are the weights saved.
     """
 
-    def __init__(self, batch: dict[str, torch.Tensor], examples: Sequence[DemoExample], encoder: PromptEncoder, margin: float, check_below: float) -> None:
+    def __init__(
+        self,
+        batch: dict[str, torch.Tensor],
+        examples: Sequence[DemoExample],
+        encoder: PromptEncoder,
+        margin: float,
+        check_below: float,
+    ) -> None:
         self.batch, self.examples, self.encoder = batch, examples, encoder
         self.margin, self.check_below = margin, check_below
         self.learned = False
