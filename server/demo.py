@@ -499,7 +499,7 @@ def build_demo_model(cache_dir: str | os.PathLike[str]) -> pathlib.Path:
 
     ``cache_dir`` holds ``tokenizer/``, ``random-model/`` (the untrained start) and ``model/``.  The
     model is rebuilt only when missing or when its stamp's fingerprint (see :func:`_fingerprint`)
-    differs.  A first build takes about a minute on 2 idle CPU cores (78 training steps); a cache
+    differs.  A first build takes about 90 s on 2 idle CPU cores (78 training steps); a cache
     hit ~2 s (loading the tokenizer to compute the fingerprint).  Building happens in a temporary directory that is renamed into
     place at the end, so an interrupted build never leaves a half-written model that a later call
     would trust.
