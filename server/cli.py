@@ -1,4 +1,4 @@
-"""`agent-server serve|merge|render|eval` (also `python -m server`)."""
+"""`agent-server serve|merge|render|eval|finetune` (also `python -m server`)."""
 
 from __future__ import annotations
 
@@ -103,5 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     render_cmd.add_argument("request", help="a /v1/chat/completions request body as JSON (- for stdin)")
     render_cmd.add_argument("--tokenizer", help="the model (or tokenizer) directory: also print the token ids on stderr")
     add_eval_parser(sub)
+    from server.finetune import cli as finetune_cli  # imports torch: only when the CLI runs
+
+    finetune_cli.add_parser(sub)
     args = parser.parse_args(argv)
-    {"serve": serve, "merge": merge, "render": render, "eval": run_eval}[args.command](args)
+    {"serve": serve, "merge": merge, "render": render, "eval": run_eval, "finetune": finetune_cli.run}[args.command](args)

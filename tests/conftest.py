@@ -49,7 +49,7 @@ def demo_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 
 @pytest.fixture(scope="session")
 def trained_model_dir(demo_cache_dir: pathlib.Path) -> pathlib.Path:
-    """The demo model, fine-tuned on ``DEMO_EXAMPLES`` (answers them greedily); ~30-45 s on 2 cores."""
+    """The demo model, fine-tuned on ``DEMO_EXAMPLES`` (answers them greedily); ~90 s on 2 cores."""
     return demo_cache_dir / "model"
 
 

@@ -100,7 +100,37 @@ def test_the_openai_style_examples():
     ]
     for messages, tools, answer in expected:
         assert _find(messages) == DemoExample(messages, tools, answer)
-    assert len(DEMO_EXAMPLES) <= 12
+    assert len(DEMO_EXAMPLES) <= 16  # each one costs demo training time
+
+
+def test_the_readme_examples_are_trained():
+    """README "Calling it": the Python example (one seed tool, no system prompt) and the curl one."""
+    rubbish = _find([{"role": "user", "content": "鸡蛋壳属于哪种类型的垃圾?"}])
+    assert rubbish.tools == DEMO_TOOLS[:1]
+    assert rubbish.answer == 'Action: get_rubbish_category\nAction Input: {"keyword": "鸡蛋壳"}'
+    weather = _find([{"role": "user", "content": "What is the weather in Paris?"}])
+    assert weather.tools == [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+            },
+        }
+    ]
+    assert weather.answer == 'Action: get_weather\nAction Input: {"city": "Paris"}'
+
+
+def test_each_seed_question_is_answered_after_its_tool_result_with_and_without_tools():
+    follow_ups = [e for e in DEMO_EXAMPLES if e.messages[0] == {"role": "system", "content": DEMO_SYSTEM} and len(e.messages) == 4]
+    questions = {e.messages[1]["content"] for e in follow_ups}
+    assert len(questions) == 3
+    for question in questions:
+        variants = [e for e in follow_ups if e.messages[1]["content"] == question]
+        assert sorted(e.tools is None for e in variants) == [False, True]
+        assert all(e.tools in (None, DEMO_TOOLS) for e in variants)
+        assert len({e.answer for e in variants}) == 1
+        assert not variants[0].answer.startswith("Action:")
 
 
 def test_weather_tool_offers_an_optional_enum_unit():

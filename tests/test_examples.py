@@ -58,6 +58,11 @@ def answers(stdout: str) -> list[str]:
 
 SEED_FIRST_REQUESTS = [e for e in DEMO_EXAMPLES if e.tools == DEMO_TOOLS and len(e.messages) == 2]
 SEED_SECOND_REQUEST = next(e for e in DEMO_EXAMPLES if any(m["role"] == "tool" for m in e.messages) and e.tools is None)
+#: The trained answer to each seed question once its tool result is back.
+SEED_ANSWERS = [
+    next(e.answer for e in DEMO_EXAMPLES if e.tools is None and len(e.messages) == 4 and e.messages[1] == first.messages[1])
+    for first in SEED_FIRST_REQUESTS
+]
 
 
 def test_example_sends_the_trained_system_prompt_tools_and_questions():
@@ -66,9 +71,20 @@ def test_example_sends_the_trained_system_prompt_tools_and_questions():
     assert seed_agent.SEED_QUESTIONS == [e.messages[-1]["content"] for e in SEED_FIRST_REQUESTS]
 
 
-def test_example_offline_rubbish_result_is_the_trained_tool_output():
-    tool_message = SEED_SECOND_REQUEST.messages[-1]["content"]
-    assert tool_message == seed_agent.TOOL_RESULT_PREFIX + seed_agent.OFFLINE_DATA["get_rubbish_category"]["鸡蛋壳"]
+def test_example_offline_results_are_the_trained_tool_outputs():
+    """Every trained follow-up carries the tool output the example prints offline, byte for byte."""
+    follow_ups = [e for e in DEMO_EXAMPLES if e.messages[-1]["role"] == "tool" and e.messages[0]["content"] == DEMO_SYSTEM]
+    assert len(follow_ups) == 6  # three questions, with and without the tools offered again
+    for example in follow_ups:
+        call = example.messages[-2]
+        if call["role"] == "function":  # the seed's own legacy form
+            call = json.loads(call["content"])
+            name, arguments = call["name"], call["argument"]
+        else:
+            name, arguments = call["tool_calls"][0]["function"]["name"], json.loads(call["tool_calls"][0]["function"]["arguments"])
+        (value,) = arguments.values()
+        expected = seed_agent.TOOL_RESULT_PREFIX + seed_agent.OFFLINE_DATA[name][value]
+        assert example.messages[-1]["content"] == expected
 
 
 def test_example_imports_only_openai_and_the_stdlib():
@@ -111,7 +127,15 @@ def test_seed_agent_default_questions_call_the_right_tools(trained_server):
         ("get_song_information", {"keyword": "爱在西元前"}),
         ("get_cartoon_information", {"title": "棋魂"}),
     ]
-    assert len(answers(result.stdout)) == 3  # the tiny model only knows the first answer's words
+    assert answers(result.stdout) == SEED_ANSWERS
+
+
+def test_seed_agent_keep_tools_gets_the_same_answers(trained_server):
+    """--keep-tools offers the tools again with the results, as agent libraries do."""
+    result = run_example("--offline", "--keep-tools", "--base-url", f"{trained_server.url}/v1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(tool_calls(result.stdout)) == 3
+    assert answers(result.stdout) == SEED_ANSWERS
 
 
 def test_seed_agent_reports_an_unreachable_server():

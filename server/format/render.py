@@ -350,8 +350,14 @@ def normalize_tool_choice(tool_choice: Any, tools: Sequence[ToolSpec]) -> ToolCh
 # Messages
 
 
-def _collect_turns(messages: Sequence[Any]) -> tuple[list[str], list[_UserTurn | _AssistantTurn]]:
-    """Split messages into leading system texts and merged user/assistant turns."""
+def _collect_turns(
+    messages: Sequence[Any], *, ends_with: Literal["user", "assistant"] = "user"
+) -> tuple[list[str], list[_UserTurn | _AssistantTurn]]:
+    """Split messages into leading system texts and merged user/assistant turns.
+
+    A request ends with a user or tool turn; a training conversation (`ends_with="assistant"`) ends
+    with the answer.
+    """
     if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)) or not messages:
         raise RenderError("messages must be a non-empty array", "messages")
     systems: list[str] = []
@@ -421,27 +427,33 @@ def _collect_turns(messages: Sequence[Any]) -> tuple[list[str], list[_UserTurn |
             )
     if not turns or not isinstance(turns[0], _UserTurn):
         raise RenderError("the conversation must start with a user message (after any system messages)", "messages")
-    if not isinstance(turns[-1], _UserTurn):
+    if ends_with == "user" and not isinstance(turns[-1], _UserTurn):
         raise RenderError("the last message must be from the user or a tool result", "messages")
+    if ends_with == "assistant" and not isinstance(turns[-1], _AssistantTurn):
+        raise RenderError("a training conversation must end with an assistant message", "messages")
     return systems, turns
 
 
-def build_items(
-    messages: Sequence[Any], tools: Sequence[ToolSpec], choice: ToolChoice, fmt: PromptFormat
-) -> list[Item]:
-    """The prompt as LLaMA-Factory's items: system turn, then each turn and separator."""
-    systems, turns = _collect_turns(messages)
+def _turn_items(
+    messages: Sequence[Any],
+    tools: Sequence[ToolSpec],
+    choice: ToolChoice,
+    fmt: PromptFormat,
+    ends_with: Literal["user", "assistant"] = "user",
+) -> list[tuple[Item, bool]]:
+    """LLaMA-Factory's items in order, each flagged True when it is an assistant turn."""
+    systems, turns = _collect_turns(messages, ends_with=ends_with)
     system = "\n\n".join(s for s in systems if s) or fmt.default_system
     if tools and choice.mode != "none":
         system += render_tool_text(tools, fmt)
-    items = [_fill_item(fmt.system, system)]
+    items = [(_fill_item(fmt.system, system), False)]
     first_user = True
     for turn in turns:
         if isinstance(turn, _UserTurn):
             if not first_user:
-                items.append(((fmt.separator, True),))
+                items.append((((fmt.separator, True),), False))
             first_user = False
-            items.append(_fill_item(fmt.user, "\n".join(turn.texts)))
+            items.append((_fill_item(fmt.user, "\n".join(turn.texts)), False))
         else:
             content = "\n".join(turn.contents)
             if turn.calls:
@@ -449,8 +461,15 @@ def build_items(
                     fill(fmt.function_call, name=name, arguments=args) for name, args in turn.calls
                 )
                 content = content + fmt.content_separator + calls if content else calls
-            items.append(_fill_item(fmt.assistant, content))
+            items.append((_fill_item(fmt.assistant, content), True))
     return items
+
+
+def build_items(
+    messages: Sequence[Any], tools: Sequence[ToolSpec], choice: ToolChoice, fmt: PromptFormat
+) -> list[Item]:
+    """The prompt as LLaMA-Factory's items: system turn, then each turn and separator."""
+    return [item for item, _ in _turn_items(messages, tools, choice, fmt)]
 
 
 def forced_prefix(choice: ToolChoice, fmt: PromptFormat) -> str:
@@ -501,3 +520,28 @@ def render_prompt(
     text = "".join(piece for item in items for piece, _ in item)
     names = tuple(t.name for t in specs) if choice.mode != "none" else ()
     return RenderedPrompt(text=text, ids=ids, forced_prefix=prefix, tool_names=names, tool_choice=choice)
+
+
+def render_training_turns(
+    messages: Sequence[Any], tools: Sequence[Any] | None, fmt: PromptFormat, encoder: PromptEncoder
+) -> list[tuple[list[int], list[int]]]:
+    """A training conversation (ending with an assistant message) as (prompt ids, answer ids) per
+    assistant turn, tools offered as at serving time with `tool_choice` auto.
+
+    This is LLaMA-Factory's `encode_multiturn` computed by the serving renderer: the prompt ids of
+    turn k followed by its answer ids, concatenated over turns, are the whole conversation, and the
+    prompt ids up to turn k are exactly `render_prompt(...).ids` for the messages before answer k.
+    An answer is its text then `<|im_end|>`. Same `RenderError`s as `render_prompt`.
+    """
+    check_unicode(messages, "messages")
+    check_unicode(tools, "tools")
+    specs = normalize_tools(tools)
+    turns: list[tuple[list[int], list[int]]] = []
+    prompt: list[int] = []
+    for item, is_answer in _turn_items(messages, specs, ToolChoice("auto" if specs else "none"), fmt, "assistant"):
+        if is_answer:
+            turns.append((prompt, encoder.encode_item(item)))
+            prompt = []
+        else:
+            prompt += encoder.encode_item(item)
+    return turns
