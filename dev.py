@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
             rest = ["--demo", *rest]
         say(f"agent-server serve {' '.join(rest)}")
         os.execv(python, [str(python), "-m", "server", "serve", *rest])
-    python = ensure_package(args.venv, "test")
+    python = ensure_package(args.venv, "test,clients")
     env = dict(os.environ)
     if not args.no_vllm:
         env["AGENT_SERVER_VLLM_PYTHON"] = str(ensure_vllm(args.vllm_venv))
