@@ -4,7 +4,7 @@ Generation runs in transformers' continuous-batching manager (paged KV cache, se
 leave at step boundaries, its own background thread), so the event loop never blocks on the
 model. This module adds what a server needs around it:
 
-* per-request sampling, seeds, penalties, logit bias, logprobs and forced tool names
+* per-request sampling, seeds, penalties, logit bias and logprobs
   (`server.engine.sampling`);
 * grammars (`SamplingParams.grammar`): an llguidance matcher per sequence
   (`server.engine.guidance`), its tokenizer built on the first request that has one;

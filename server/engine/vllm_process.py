@@ -20,6 +20,8 @@ from typing import IO
 
 import httpx
 
+from server.launcher import terminate
+
 __all__ = ["VLLMProcess", "free_port"]
 
 log = logging.getLogger("agent_server.engine")
@@ -118,11 +120,5 @@ class VLLMProcess:
 
     def stop(self) -> None:
         """SIGTERM (vLLM stops its engine core and workers too), SIGKILL after 30 s."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            terminate(self.proc)
