@@ -157,18 +157,11 @@ MISTAKES = {
 }
 
 
-@pytest.fixture(scope="module")
-def trained_client(start_server, trained_model_dir):
-    server = start_server("--model", str(trained_model_dir))
-    yield openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=600)
-    server.stop()
-
-
 @pytest.mark.parametrize("mistake", list(MISTAKES))
-def test_trained_model_mistakes_become_valid_calls(trained_client, mistake):
+def test_trained_model_mistakes_become_valid_calls(client, mistake):
     tools = MISTAKES[mistake]
     schema = tools[0]["function"]["parameters"]
-    choice = trained_client.chat.completions.create(model=MODEL, messages=PARIS, tools=tools, temperature=0,
+    choice = client.chat.completions.create(model=MODEL, messages=PARIS, tools=tools, temperature=0,
                                                     tool_choice="required", max_tokens=60).choices[0]
     assert choice.finish_reason == "tool_calls", choice
     for call in choice.message.tool_calls:
@@ -176,30 +169,32 @@ def test_trained_model_mistakes_become_valid_calls(trained_client, mistake):
         jsonschema.validate(json.loads(call.function.arguments), schema)
 
 
-def test_trained_model_prose_under_required_becomes_a_call(trained_client):
+def test_trained_model_prose_under_required_becomes_a_call(client):
     tools = MISTAKES["missing_required_field"]
-    choice = trained_client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], tools=tools,
+    choice = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], tools=tools,
                                                     tool_choice="required", temperature=0, max_tokens=60).choices[0]
     assert choice.finish_reason == "tool_calls", choice
     jsonschema.validate(json.loads(choice.message.tool_calls[0].function.arguments), tools[0]["function"]["parameters"])
 
 
-def test_strict_tool_in_auto_mode_and_the_unconstrained_default(trained_client):
+def test_strict_tool_in_auto_mode_and_the_unconstrained_default(client):
     """strict: true holds an auto-mode call to the schema; without it the tolerant parse applies."""
-    strict = trained_client.chat.completions.create(model=MODEL, messages=PARIS, tools=MISTAKES["value_outside_the_enum"],
+    strict = client.chat.completions.create(model=MODEL, messages=PARIS, tools=MISTAKES["value_outside_the_enum"],
                                                     temperature=0, max_tokens=60).choices[0]
     assert strict.finish_reason == "tool_calls"
     assert json.loads(strict.message.tool_calls[0].function.arguments)["city"] in ("London", "Tokyo")
     loose = weather(MISTAKES["value_outside_the_enum"][0]["function"]["parameters"], strict=None)
-    free = trained_client.chat.completions.create(model=MODEL, messages=PARIS, tools=loose, temperature=0,
+    free = client.chat.completions.create(model=MODEL, messages=PARIS, tools=loose, temperature=0,
                                                   max_tokens=60).choices[0]
     # Whatever it wrote (with this listing the demo model garbles the call, which stays content), it was not held
     # to the enum.
     assert all(json.loads(c.function.arguments).get("city") not in ("London", "Tokyo") for c in free.message.tool_calls or [])
 
 
-def test_strict_tools_flag(start_server, trained_model_dir):
-    server = start_server("--model", str(trained_model_dir), "--strict-tools")
+@pytest.mark.parametrize("engine", ["builtin", "vllm"])
+def test_strict_tools_flag(start_server, trained_model_dir, engine, request):
+    engine_args = ["--engine-url", request.getfixturevalue("vllm_server").url, "--engine-grammar"] if engine == "vllm" else []
+    server = start_server("--model", str(trained_model_dir), "--strict-tools", *engine_args)
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=600)
     tools = weather(MISTAKES["value_outside_the_enum"][0]["function"]["parameters"], strict=None)
     choice = client.chat.completions.create(model=MODEL, messages=PARIS, tools=tools, temperature=0, max_tokens=60).choices[0]

@@ -117,9 +117,19 @@ def test_full_finetune_writes_a_servable_model_and_a_loss_curve(full_model):
     assert len(losses) == 6 and losses[-1] < losses[0] / 10
 
 
-def test_full_finetune_is_served_with_every_trained_call_and_answer(full_model, start_server):
+@pytest.mark.parametrize("engine", ["builtin", "vllm"])
+def test_full_finetune_is_served_with_every_trained_call_and_answer(full_model, start_server, engine, request):
     out, paths, _ = full_model
-    assert_serves_every_trained_turn(start_server("--model", str(out)), paths)
+    args, env = ["--model", str(out)], None
+    if engine == "vllm":  # train/serve parity on vLLM too: the fine-tuned model in a vLLM of its own
+        args += ["--engine", "vllm", "--vllm-python", request.getfixturevalue("vllm_python"),
+                 "--vllm-args", "--enforce-eager --max-num-seqs 8"]
+        env = request.getfixturevalue("vllm_env")
+    server = start_server(*args, env=env)
+    try:
+        assert_serves_every_trained_turn(server, paths)
+    finally:
+        server.stop()  # and its vLLM child: one vLLM at a time besides the session's
 
 
 # ---------------------------------------------------------------------------------------------
