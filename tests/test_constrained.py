@@ -52,9 +52,16 @@ def offered(name: str) -> list[dict]:
     return [{"type": "function", "function": {"name": name, "description": "Records a form.", "parameters": SCHEMAS[name]}}, OTHER]
 
 
-@pytest.fixture(scope="module")
-def random_client(start_server, tiny_model_dir):
-    server = start_server("--model", str(tiny_model_dir), "--max-model-len", "1024", "--max-running", "8")
+@pytest.fixture(scope="module", params=["builtin", "vllm"])
+def random_client(request, start_server, tiny_model_dir):
+    """The random model on each engine; on vLLM in a vLLM child of its own (`--engine vllm`), stopped
+    with the module so that at most one vLLM besides the session's runs at a time."""
+    args, env = ["--model", str(tiny_model_dir), "--max-model-len", "1024", "--max-running", "8"], None
+    if request.param == "vllm":
+        args += ["--engine", "vllm", "--vllm-python", request.getfixturevalue("vllm_python"),
+                 "--vllm-args", "--enforce-eager --max-num-seqs 8"]
+        env = request.getfixturevalue("vllm_env")
+    server = start_server(*args, env=env)
     yield openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=600)
     server.stop()
 
