@@ -118,3 +118,9 @@ def test_grammar_benchmark_runs(tiny_model_dir: pathlib.Path) -> None:
     proc = _run(["benchmarks.grammar", "--model", str(tiny_model_dir), "--concurrency", "2", "--requests", "2",
                  "--max-tokens", "8"], timeout=300)
     assert "ms/token grammar" in proc.stdout and "tokenizer set-up" in proc.stdout
+
+
+def test_grammar_benchmark_runs_on_vllm(vllm_server, trained_model_dir: pathlib.Path) -> None:
+    proc = _run(["benchmarks.grammar", "--model", str(trained_model_dir), "--vllm-url", vllm_server.url,
+                 "--concurrency", "2", "--requests", "2", "--max-tokens", "8"], timeout=300)
+    assert "engine: vllm" in proc.stdout and "ms/token grammar" in proc.stdout, proc.stdout + proc.stderr
