@@ -596,12 +596,9 @@ def default_vllm_python() -> str:
 
 def start_vllm(args: argparse.Namespace, model_dir: str, tmp: pathlib.Path) -> Any:
     """vLLM on the same model (CPU-friendly settings; caches and its log under `tmp`)."""
-    from server.engine.vllm_process import VLLMProcess
+    from server.engine.vllm_process import VLLMProcess, cpu_env
 
-    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
-    for name in ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "TMPDIR"):
-        (tmp / name).mkdir(exist_ok=True)
-        env[name] = str(tmp / name)
+    env = cpu_env(tmp, os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     log_file = open(tmp / "vllm.log", "wb")  # noqa: SIM115 - lives as long as the process
     process = VLLMProcess(args.vllm_python, model_dir, extra_args="--enforce-eager", env=env, log_file=log_file)
     process.start()

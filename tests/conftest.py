@@ -100,12 +100,9 @@ def vllm_python() -> str:
 @pytest.fixture(scope="session")
 def vllm_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Environment for a CPU vLLM in tests: a small KV cache, caches and temp files in the test's temp dir."""
-    root = tmp_path_factory.mktemp("vllm")
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
-    for name in ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "TMPDIR"):
-        (root / name).mkdir()
-        env[name] = str(root / name)
-    return env
+    from server.engine.vllm_process import cpu_env
+
+    return cpu_env(tmp_path_factory.mktemp("vllm"))
 
 
 @pytest.fixture(scope="session")

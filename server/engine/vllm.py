@@ -22,7 +22,7 @@ import json
 import logging
 from typing import Any, Literal
 
-import httpx
+import aiohttp
 
 from server.engine.base import (
     Engine,
@@ -66,8 +66,18 @@ def model_stop_ids(model_path: str, tokenizer: Any) -> list[int]:
     return stop_token_ids(tokenizer, declared)
 
 
+# What "vLLM cannot be reached" looks like to aiohttp: refused or dropped connections, timeouts,
+# and a stream cut mid-body.
+UNREACHABLE = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
+
+
 class VLLMEngine(Engine):
-    """Generation by a vLLM server over HTTP (one pooled `httpx.AsyncClient`)."""
+    """Generation by a vLLM server over HTTP (one pooled `aiohttp.ClientSession`).
+
+    aiohttp rather than httpx: its HTTP parser is C, and on a small box every CPU-second this
+    server spends per streamed token is taken from vLLM (issue 9's benchmark measured httpx's
+    pure-Python stream reading as the largest share of it).
+    """
 
     name = "vllm"
 
@@ -99,9 +109,9 @@ class VLLMEngine(Engine):
         # a child we start has them; an external vLLM is trusted when the operator says so.
         self._grammar = grammar or process is not None
         self.model_id = ""
-        self._timeout = httpx.Timeout(connect=connect_timeout, read=None, write=30, pool=None)
-        self.completions_url = httpx.URL(self.root + "/v1/completions")  # parsed once: not per request
-        self._client: httpx.AsyncClient | None = None
+        self.connect_timeout = connect_timeout
+        self.completions_url = self.root + "/v1/completions"
+        self._session: aiohttp.ClientSession | None = None
         self._healthy = False
         self._watcher: asyncio.Task[None] | None = None
         self._slots: asyncio.Semaphore | None = None
@@ -115,19 +125,18 @@ class VLLMEngine(Engine):
         return self._grammar
 
     @property
-    def client(self) -> httpx.AsyncClient:
-        if self._client is None:
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
             raise EngineUnavailable("the vLLM engine has not been started")
-        return self._client
+        return self._session
+
+    def _timeout(self, total: float | None) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=total, sock_connect=self.connect_timeout)
 
     async def start(self) -> None:
         """Wait for vLLM (starting it first when we own it), check it, then watch its health."""
-        logging.getLogger("httpx").setLevel(logging.WARNING)  # not a log line per health poll and token stream
-        self._client = httpx.AsyncClient(
-            base_url=self.root,
-            timeout=self._timeout,
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=self.max_running + 2),
-        )
+        # No pool limit: admission (`_slots`) bounds the streams; a generation's stream has no timeout.
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=self._timeout(None))
         self._slots = asyncio.Semaphore(self.max_running)
         try:
             if self.process is not None:
@@ -147,9 +156,9 @@ class VLLMEngine(Engine):
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
             self._watcher = None
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
         if self.process is not None:
             await asyncio.to_thread(self.process.stop)
 
@@ -161,11 +170,11 @@ class VLLMEngine(Engine):
             if self.process is not None:
                 self.process.check_alive()
             try:
-                response = await self.client.get("/health", timeout=self._timeout.connect)
-                if response.status_code == 200:
+                status = await self._health(self.connect_timeout)
+                if status == 200:
                     return
-                last = f"/health answered {response.status_code}"
-            except httpx.TransportError as exc:
+                last = f"/health answered {status}"
+            except UNREACHABLE as exc:
                 last = f"{type(exc).__name__}: {exc}"
             if loop.time() >= deadline:
                 raise EngineMismatch(
@@ -199,14 +208,19 @@ class VLLMEngine(Engine):
                 "serve the same model directory on both sides"
             )
 
+    async def _health(self, timeout: float) -> int:
+        async with self.session.get(self.root + "/health", timeout=self._timeout(timeout)) as response:
+            return response.status
+
     async def _get_json(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
-            response = await self.client.request(method, path, timeout=httpx.Timeout(30, connect=self._timeout.connect), **kwargs)
-        except httpx.TransportError as exc:
+            async with self.session.request(method, self.root + path, timeout=self._timeout(30), **kwargs) as response:
+                body = await response.read()
+        except UNREACHABLE as exc:
             raise EngineUnavailable(f"vLLM at {self.root} is unreachable ({type(exc).__name__})") from exc
-        if response.status_code != 200:
-            raise EngineMismatch(f"vLLM {method} {path} answered {response.status_code}: {response.text[:500]}")
-        return response.json()
+        if response.status != 200:
+            raise EngineMismatch(f"vLLM {method} {path} answered {response.status}: {body[:500].decode(errors='replace')}")
+        return json.loads(body)
 
     async def _watch(self) -> None:
         """Poll `/health`: flip `available` off while it fails, on again once vLLM is back and checked."""
@@ -229,10 +243,9 @@ class VLLMEngine(Engine):
 
     async def _probe(self) -> bool:
         try:
-            response = await self.client.get("/health", timeout=httpx.Timeout(10, connect=self._timeout.connect))
-        except httpx.TransportError:
+            return await self._health(10) == 200
+        except UNREACHABLE:
             return False
-        return response.status_code == 200
 
     def mark_unavailable(self, exc: Exception) -> EngineUnavailable:
         """A request could not reach vLLM: stop admitting until the health check sees it back."""
@@ -298,8 +311,7 @@ class VLLMGeneration(Generation):
 
     def __init__(self, engine: VLLMEngine, prompt_ids: list[int], params: SamplingParams) -> None:
         super().__init__(engine, prompt_ids, params)
-        self._response: httpx.Response | None = None
-        self._bytes: Any = None
+        self._response: aiohttp.ClientResponse | None = None
         self._buffer = b""
 
     async def _begin(self) -> None:
@@ -307,33 +319,37 @@ class VLLMGeneration(Generation):
         assert engine._slots is not None
         await engine._slots.acquire()
         self._mark_running()
-        client = engine.client
-        request = client.build_request("POST", engine.completions_url, json=engine.request_body(self.prompt_ids, self.params))
         try:
-            self._response = await client.send(request, stream=True)
-        except httpx.TransportError as exc:
+            self._response = await engine.session.post(
+                engine.completions_url, json=engine.request_body(self.prompt_ids, self.params)
+            )
+        except UNREACHABLE as exc:
             raise engine.mark_unavailable(exc) from exc
-        if self._response.status_code != 200:
-            detail = (await self._response.aread()).decode(errors="replace")
-            raise EngineError(f"vLLM answered {self._response.status_code}: {_error_message(detail)}")
-        self._bytes = self._response.aiter_bytes()
+        if self._response.status != 200:
+            try:
+                detail = (await self._response.read()).decode(errors="replace")
+            except UNREACHABLE:
+                detail = "(body lost)"
+            raise EngineError(f"vLLM answered {self._response.status}: {_error_message(detail)}")
 
     async def _events(self) -> list[bytes]:
         """The `data:` payloads of every complete SSE event received so far (waiting for at least one)."""
+        assert self._response is not None
         while True:
             *complete, self._buffer = self._buffer.split(b"\n\n")
             events = [line[5:].strip() for event in complete for line in event.split(b"\n") if line.startswith(b"data:")]
             if events:
                 return events
             try:
-                self._buffer += (await self._bytes.__anext__()).replace(b"\r\n", b"\n")
-            except StopAsyncIteration:
-                raise EngineError("vLLM ended the stream without a finish reason") from None
-            except httpx.TransportError as exc:
+                received = await self._response.content.readany()
+            except UNREACHABLE as exc:
                 raise self._engine.mark_unavailable(exc) from exc
+            if not received:
+                raise EngineError("vLLM ended the stream without a finish reason")
+            self._buffer += received.replace(b"\r\n", b"\n")
 
     async def _next(self) -> StepOutput:
-        if self._bytes is None:
+        if self._response is None:
             await self._begin()
         ids: list[int] = []
         logprobs: list[TokenLogprob] | None = [] if self.params.logprobs is not None else None
@@ -361,33 +377,22 @@ class VLLMGeneration(Generation):
         if reason == "stop" and ids and ids[-1] in self._engine.stop_ids:
             ids = ids[:-1]
             logprobs = logprobs[: len(ids)] if logprobs is not None else None
+        response, self._response = self._response, None
+        assert response is not None
         try:
-            async for _ in self._bytes:
-                pass
-        except httpx.TransportError:
+            await response.read()  # to the end, so the connection goes back to the pool
+        except UNREACHABLE:
             pass  # the answer is complete; the connection is simply not reused
-        await self._close_stream()
+        response.release()
         return StepOutput(ids, reason, logprobs)
 
-    async def aclose(self) -> None:
-        try:
-            await self._close_stream()  # vLLM aborts the request when its stream is closed
-        finally:
-            await super().aclose()
-
-    async def _close_stream(self) -> None:
-        response, self._response = self._response, None
-        if response is not None:
-            await response.aclose()
-
     def _cancel(self, *, finished: bool) -> None:
-        # Reached without `aclose()` only when the handle is garbage-collected: close in the background.
         response, self._response = self._response, None
         if response is not None:
             try:
-                asyncio.get_running_loop().create_task(response.aclose())
+                response.close()  # drops the connection mid-stream: vLLM sees the disconnect and aborts
             except RuntimeError:
-                pass  # no loop any more: the socket closes with the response object
+                pass  # garbage-collected after its loop closed: the socket goes with it
 
     def _on_slot_released(self) -> None:
         assert self._engine._slots is not None

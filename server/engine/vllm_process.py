@@ -10,19 +10,19 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import pathlib
 import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from typing import IO
-
-import httpx
 
 from server.launcher import terminate
 
-__all__ = ["VLLMProcess", "free_port"]
+__all__ = ["VLLMProcess", "cpu_env", "free_port"]
 
 log = logging.getLogger("agent_server.engine")
 
@@ -36,6 +36,16 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def cpu_env(root: pathlib.Path, kv_cache_gb: str = "1") -> dict[str, str]:
+    """Environment for vLLM's CPU build in tests and benchmarks: a small KV cache (its default
+    takes a large share of memory), and its compile caches and temp files under `root`."""
+    env = {"VLLM_CPU_KVCACHE_SPACE": kv_cache_gb}
+    for name in ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "TMPDIR"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        env[name] = str(root / name)
+    return env
 
 
 def _die_with_parent() -> None:
@@ -110,9 +120,10 @@ class VLLMProcess:
         while True:
             self.check_alive()
             try:
-                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
-                    return self.url
-            except httpx.TransportError:
+                with urllib.request.urlopen(self.url + "/health", timeout=5) as response:
+                    if response.status == 200:
+                        return self.url
+            except OSError:  # refused, reset, timed out, or an HTTP error status (URLError is an OSError)
                 pass
             if time.monotonic() >= deadline:
                 raise RuntimeError(f"vLLM did not answer /health within {timeout:g} s: {shlex.join(self.cmd)}")
