@@ -234,6 +234,7 @@ def test_raw_sse_framing(trained_server):
     body = {"model": MODEL, "messages": PARIS, "tools": WEATHER_TOOLS, "stream": True, "temperature": 0}
     with httpx.stream("POST", trained_server.url + "/v1/chat/completions", json=body, timeout=60) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["cache-control"] == "no-cache" and response.headers["x-accel-buffering"] == "no"
         lines = [line for line in response.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
     first = json.loads(lines[0][6:])

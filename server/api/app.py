@@ -7,26 +7,26 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol, TypeVar
 
 import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
-from sse_starlette import EventSourceResponse
 
 from prompts import load_format
 from server.api.chat import ChatService, render_chat
 from server.api.completions import CompletionService
 from server.api.responses import ResponseService, ResponseStore
 from server.api.responses_protocol import DeletedResponse, Response as ResponseObject, ResponseRequest
-from server.engine.base import Engine
+from server.engine.base import Engine, Generation
 from server.engine.builtin import BuiltinEngine, load_model
 from server.api.errors import APIError, install_error_handlers
 from server.api.metrics import Metrics
 from server.api.middleware import RequestMiddleware
+from server.api.sse import Event, EventStream
 from server.api.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -44,6 +44,7 @@ from server.api.protocol import (
 from server.settings import Settings
 
 log = logging.getLogger("agent_server")
+P = TypeVar("P")  # a service's prepared request
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 405, 413, 429, 500, 503)
@@ -131,16 +132,19 @@ def _vllm_engine(settings: Settings, model_path: str) -> Engine:
     )
 
 
-def chat_service(request: Request) -> ChatService:
-    """Dependency: the request logic bound to the loaded engine."""
+async def chat_service(request: Request) -> ChatService:
+    """Dependency: the request logic bound to the loaded engine.
+
+    The dependencies are `async def` although they never await: FastAPI runs a plain `def`
+    dependency in a worker thread, a thread hop per request that the benchmark measured."""
     return request.app.state.chat
 
 
-def completion_service(request: Request) -> CompletionService:
+async def completion_service(request: Request) -> CompletionService:
     return request.app.state.completions
 
 
-def response_service(request: Request) -> ResponseService:
+async def response_service(request: Request) -> ResponseService:
     return request.app.state.responses
 
 
@@ -176,7 +180,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(RequestMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
 
-    def require_api_key(request: Request) -> None:
+    async def require_api_key(request: Request) -> None:
         """Bearer auth on /v1/* when an API key is configured (constant-time comparison)."""
         expected = settings.api_key
         if not expected:
@@ -224,30 +228,21 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         body: ChatCompletionRequest, request: Request, service: Annotated[ChatService, Depends(chat_service)]
     ) -> Response:
         chat = service.prepare(body)
-        generations = service.submit(chat)
-        if body.stream:
-            return EventSourceResponse(service.stream(chat, generations), sep="\n", ping=15)
-        return await _answer(request, service.complete(chat, generations))
+        return await _generate(request, service, chat, bool(body.stream))
 
     @app.post("/v1/completions", dependencies=[Auth], response_model=Completion, responses=stream_responses)
     async def completions(
         body: CompletionRequest, request: Request, service: Annotated[CompletionService, Depends(completion_service)]
     ) -> Response:
         prepared = service.prepare(body)
-        generations = service.chat.submit(prepared.chat)
-        if body.stream:
-            return EventSourceResponse(service.stream(prepared, generations), sep="\n", ping=15)
-        return await _answer(request, service.complete(prepared, generations))
+        return await _generate(request, service, prepared, bool(body.stream))
 
     @app.post("/v1/responses", dependencies=[Auth], response_model=ResponseObject, responses=stream_responses)
     async def responses(
         body: ResponseRequest, request: Request, service: Annotated[ResponseService, Depends(response_service)]
     ) -> Response:
         prepared = service.prepare(body)
-        generations = service.chat.submit(prepared.chat)
-        if body.stream:
-            return EventSourceResponse(service.stream(prepared, generations), sep="\n", ping=15)
-        return await _answer(request, service.complete(prepared, generations))
+        return await _generate(request, service, prepared, bool(body.stream))
 
     @app.get("/v1/responses/{response_id}", dependencies=[Auth], response_model=ResponseObject)
     async def get_response(response_id: str, service: Annotated[ResponseService, Depends(response_service)]) -> Response:
@@ -293,6 +288,24 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         return DetokenizeResponse(prompt=service.chat.engine.tokenizer.decode(ids))
 
     return app
+
+
+class GeneratingService(Protocol[P]):
+    """What each generating endpoint's service offers the routes (chat, completions, responses)."""
+
+    def submit(self, prepared: P) -> list[Generation]: ...
+
+    def stream(self, prepared: P, generations: list[Generation]) -> AsyncGenerator[Event, None]: ...
+
+    def complete(self, prepared: P, generations: list[Generation]) -> Awaitable[BaseModel]: ...
+
+
+async def _generate(request: Request, service: GeneratingService[P], prepared: P, stream: bool) -> Response:
+    """Submit the prepared request's sequences, then stream its events or answer once it is done."""
+    generations = service.submit(prepared)
+    if stream:
+        return EventStream(service.stream(prepared, generations))
+    return await _answer(request, service.complete(prepared, generations))
 
 
 async def _answer(request: Request, work: Awaitable[BaseModel]) -> Response:

@@ -16,7 +16,7 @@ import dataclasses
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +43,7 @@ from server.api.protocol import (
     Usage,
     SamplingRequest,
 )
+from server.api.sse import TextChunk, json_text
 from server.engine.base import (
     Engine,
     EngineError,
@@ -456,7 +457,7 @@ class ChatService:
             usage=self.usage(chat, sum(r.completion_tokens for r in results)),
         )
 
-    async def stream(self, chat: PreparedChat, generations: list[Generation]) -> AsyncIterator[str]:
+    async def stream(self, chat: PreparedChat, generations: list[Generation]) -> AsyncGenerator[str, None]:
         """SSE `data:` payloads: role chunk per choice, deltas, final chunk per choice, optional
         usage chunk, [DONE]. Logprobs ride on the next chunk of their choice."""
         pending: list[list[TokenLogprob]] = [[] for _ in generations]
@@ -475,6 +476,27 @@ class ChatService:
             )
             return _dump(body)
 
+        def arguments(call: int, fragment: str) -> Delta:
+            function = FunctionCallDelta(arguments=fragment)
+            if chat.legacy_functions:
+                return Delta(function_call=function)
+            return Delta(tool_calls=[ToolCallDelta(index=call, function=function)])
+
+        templates: dict[tuple[int, int | None], TextChunk] = {}
+
+        def text_chunk(index: int, call: int | None, text: str) -> str:
+            """Content (`call` None) or a call's arguments: the per-token chunks, spliced into a
+            template of their choice and call unless logprobs ride on them."""
+            def delta(t: str) -> Delta:
+                return Delta(content=t) if call is None else arguments(call, t)
+
+            if pending[index]:
+                return chunk(index, delta(text))
+            template = templates.get((index, call))
+            if template is None:
+                template = templates[(index, call)] = TextChunk(lambda t: chunk(index, delta(t)), json_text)
+            return template(text)
+
         for index in range(len(generations)):
             yield chunk(index, Delta(role="assistant", content=""))
         completion_tokens = 0
@@ -484,7 +506,7 @@ class ChatService:
                     if isinstance(event, TokenLogprobs):
                         pending[index].extend(event.entries)
                     elif isinstance(event, ContentDelta):
-                        yield chunk(index, Delta(content=event.text))
+                        yield text_chunk(index, None, event.text)
                     elif isinstance(event, ToolCallStart):
                         function = FunctionCallDelta(name=event.name, arguments="")
                         if chat.legacy_functions:
@@ -493,11 +515,7 @@ class ChatService:
                             call = ToolCallDelta(index=event.index, id=event.id, type="function", function=function)
                             yield chunk(index, Delta(tool_calls=[call]))
                     elif isinstance(event, ToolCallArguments):
-                        function = FunctionCallDelta(arguments=event.fragment)
-                        if chat.legacy_functions:
-                            yield chunk(index, Delta(function_call=function))
-                        else:
-                            yield chunk(index, Delta(tool_calls=[ToolCallDelta(index=event.index, function=function)]))
+                        yield text_chunk(index, event.index, event.fragment)
                     elif isinstance(event, ChoiceDone):
                         completion_tokens += event.completion_tokens
                         legacy_call = chat.legacy_functions and event.finish_reason == "tool_calls"

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
+
+import pydantic_core
 
 from server.api.chat import ChatService, ChoiceDone, PreparedChat, TokenLogprobs, new_id
 from server.api.errors import APIError
 from server.api.protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
+from server.api.sse import TextChunk
 from server.engine.base import EngineError, Generation, TokenLogprob
 from server.format.parse import ContentDelta
 from server.format.render import RenderedPrompt, RenderError, ToolChoice, check_unicode
@@ -87,6 +90,9 @@ class CompletionService:
         )
         return PreparedCompletion(chat, text if req.echo else "")
 
+    def submit(self, prepared: PreparedCompletion) -> list[Generation]:
+        return self.chat.submit(prepared.chat)
+
     def _logprobs(self, prepared: PreparedCompletion, entries: list[TokenLogprob], offset: int) -> CompletionLogprobs | None:
         if prepared.chat.params.logprobs is None:
             return None
@@ -103,7 +109,7 @@ class CompletionService:
         return Completion(id=chat.id, created=chat.created, model=chat.model, choices=choices,
                           usage=self.chat.usage(chat, sum(r.completion_tokens for r in results)))
 
-    async def stream(self, prepared: PreparedCompletion, generations: list[Generation]) -> AsyncIterator[str]:
+    async def stream(self, prepared: PreparedCompletion, generations: list[Generation]) -> AsyncGenerator[str, None]:
         """SSE payloads: text chunks per choice (logprobs on the next chunk of their choice), a final
         chunk per choice with its finish_reason, optional usage chunk, [DONE]."""
         chat = prepared.chat
@@ -120,6 +126,16 @@ class CompletionService:
                 CompletionChoice(index=index, text=text, finish_reason=finish_reason, logprobs=logprobs)])  # type: ignore[arg-type]
             return body.model_dump_json(exclude={"usage"})
 
+        templates: dict[int, TextChunk] = {}
+
+        def text_chunk(index: int, text: str) -> str:
+            """The per-token chunk: spliced into its choice's template unless logprobs ride on it."""
+            if pending[index]:
+                return chunk(index, text)
+            if index not in templates:
+                templates[index] = TextChunk(lambda t: chunk(index, t), lambda t: pydantic_core.to_json(t).decode())
+            return templates[index](text)
+
         if prepared.echo:
             for index in range(len(generations)):
                 yield chunk(index, prepared.echo)
@@ -130,7 +146,7 @@ class CompletionService:
                     if isinstance(event, TokenLogprobs):
                         pending[index].extend(event.entries)
                     elif isinstance(event, ContentDelta):
-                        yield chunk(index, event.text)
+                        yield text_chunk(index, event.text)
                     elif isinstance(event, ChoiceDone):
                         completion_tokens += event.completion_tokens
                         yield chunk(index, "", event.finish_reason)

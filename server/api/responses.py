@@ -22,7 +22,7 @@ import json
 import re
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -447,6 +447,9 @@ class ResponseService:
         prepared = dataclasses.replace(prepared, id=new_id("resp_"))
         return PreparedResponse(prepared, req, history + current_items(req))
 
+    def submit(self, prepared: PreparedResponse) -> list[Generation]:
+        return self.chat.submit(prepared.chat)
+
     def _response(self, prepared: PreparedResponse) -> Response:
         req = prepared.request
         tool_choice: Any = req.tool_choice or "auto"
@@ -508,13 +511,13 @@ class ResponseService:
             raise APIError(503, f"Generation failed: {exc}. Please retry.", type="server_error") from None
         return builder.response
 
-    async def stream(self, prepared: PreparedResponse, generations: list[Generation]) -> AsyncIterator[dict[str, str]]:
+    async def stream(self, prepared: PreparedResponse, generations: list[Generation]) -> AsyncGenerator[tuple[str, str], None]:
         """SSE events named like their `type` (as OpenAI sends them), each with a `sequence_number`."""
         builder = self._builder(prepared)
         try:
             async with aclosing(self._events(prepared, generations, builder)) as events:
                 async for event in events:
-                    yield {"event": event["type"], "data": json.dumps(event, ensure_ascii=False, separators=(",", ":"))}
+                    yield event["type"], json.dumps(event, ensure_ascii=False, separators=(",", ":"))
         except EngineError as exc:  # headers are sent: report in-band, as OpenAI does
             event = builder.fail(f"Generation failed: {exc}.")
-            yield {"event": event["type"], "data": json.dumps(event, ensure_ascii=False)}
+            yield event["type"], json.dumps(event, ensure_ascii=False, separators=(",", ":"))
