@@ -13,7 +13,11 @@ section, so a run cut short still leaves them):
 2. the server's engine (``server.engine.builtin.BuiltinEngine``, transformers' continuous batching, the same
    settings the server uses), driven directly with asyncio (no HTTP), at 1, 8 and 32 concurrent
    sequences: aggregate tokens/s and the per-sequence step time;
-3. ``generate``, batch 1, static KV cache + ``torch.compile`` (transformers compiles the decode
+3. with ``--vllm-python PATH`` (a Python with vLLM): the server's vLLM engine
+   (``server.engine.vllm.VLLMEngine``, what ``serve --engine vllm`` uses: token-id prompts to vLLM's
+   ``/v1/completions``, streamed back) on the same weights, saved with the Qwen tokenizer and
+   served by a vLLM child, driven exactly like section 2 at the same levels;
+4. ``generate``, batch 1, static KV cache + ``torch.compile`` (transformers compiles the decode
    step automatically for ``cache_implementation="static"`` on CUDA; mode "reduce-overhead", i.e.
    CUDA graphs). Last because its compile warm-up is the slowest part; it is skipped if the time
    budget (``--budget-s``) is nearly spent.
@@ -40,6 +44,7 @@ import pathlib
 import platform
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Iterator
@@ -58,14 +63,15 @@ QWEN15_4B_SHAPE: dict[str, Any] = {
     "tie_word_embeddings": False,
 }
 
-#: `--small`: the same code path on CPU in seconds.
+#: `--small`: the same code path on CPU in seconds. Qwen's vocabulary (the vLLM leg serves it
+#: with the Qwen tokenizer) and head_dim 32 (vLLM's CPU attention kernel needs at least that).
 SMALL_SHAPE: dict[str, Any] = {
-    "vocab_size": 2048,
+    "vocab_size": 151936,
     "hidden_size": 64,
     "intermediate_size": 128,
     "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
     "max_position_embeddings": 4096,
     "rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0},
     "tie_word_embeddings": False,
@@ -271,29 +277,75 @@ async def _engine_level(engine: Any, concurrency: int, max_tokens: int, vocab: i
     }
 
 
+async def _engine_levels(engine: Any, max_tokens: int, levels: tuple[int, ...], vocab: int, **extra: Any) -> list[dict[str, Any]]:
+    """A warm-up, then each level in turn (the same prompts for either engine: seeded by level)."""
+    await _engine_level(engine, 2, min(8, max_tokens), vocab, seed=99)
+    rows = []
+    for level in levels:
+        row = {**await _engine_level(engine, level, max_tokens, vocab, seed=level), **extra}
+        log(f"    {level:>2} sequences: {row['tokens_per_s']:.1f} tok/s, step {row['step_ms']:.1f} ms")
+        rows.append(row)
+    return rows
+
+
 def bench_engine(model: Any, max_tokens: int, levels: tuple[int, ...]) -> list[dict[str, Any]]:
     """The server's continuous-batching engine, no HTTP: C sequences submitted at once, all awaited."""
     from server.engine.builtin import BuiltinEngine
 
     engine = BuiltinEngine(model, NoTokenizer(), max_running=max(levels), max_queued=max(levels))
-    rows = []
-
-    async def drive() -> None:
-        engine.start_manager()
-        attention = model.config._attn_implementation
-        log(f"    engine attention: {attention}, stop ids: {engine.stop_ids}")
-        await _engine_level(engine, 2, min(8, max_tokens), model.config.vocab_size, seed=99)  # warm-up
-        for level in levels:
-            row = await _engine_level(engine, level, max_tokens, model.config.vocab_size, seed=level)
-            row["attention"] = attention
-            log(f"    {level:>2} sequences: {row['tokens_per_s']:.1f} tok/s, step {row['step_ms']:.1f} ms")
-            rows.append(row)
-
+    attention = model.config._attn_implementation
+    log(f"    engine attention: {attention}, stop ids: {engine.stop_ids}")
+    engine.start_manager()
     try:
-        asyncio.run(drive())
+        return asyncio.run(_engine_levels(engine, max_tokens, levels, model.config.vocab_size, attention=attention))
     finally:
         engine.stop_manager()
-    return rows
+
+
+def bench_vllm_engine(
+    model: Any, max_tokens: int, levels: tuple[int, ...], vllm_python: str, vllm_args: str, work_dir: pathlib.Path
+) -> list[dict[str, Any]]:
+    """The server's vLLM engine on the same weights: saved with the Qwen tokenizer, served by a
+    vLLM child (its log: `work_dir/vllm.log`), driven without agent-server's HTTP layer."""
+    from transformers import AutoTokenizer
+
+    from server.engine.vllm import VLLMEngine
+    from server.engine.vllm_process import VLLMProcess, cpu_env
+    from server.qwen_tokenizer import build_qwen_tokenizer
+
+    model_dir = work_dir / "model"
+    model.save_pretrained(model_dir)  # safetensors in the model's dtype; no eos: every sequence runs to max_tokens
+    build_qwen_tokenizer(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    on_cpu = model.device.type == "cpu"
+    env = cpu_env(work_dir) if on_cpu else {}
+    extra = " ".join(filter(None, ["--enforce-eager" if on_cpu else "", vllm_args]))
+    utilization = 0.9
+    if not on_cpu:  # this process still holds the model: vLLM may take most of what is free, not 90% of the card
+        import torch
+
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(model.device)
+        utilization = round(min(0.9, 0.9 * free / total), 2)
+    with open(work_dir / "vllm.log", "wb") as log_file:
+        process = VLLMProcess(vllm_python, str(model_dir), max_model_len=PROMPT_LEN + max_tokens + 64,
+                              gpu_memory_utilization=utilization, extra_args=extra, env=env, log_file=log_file)
+        log(f"    {' '.join(process.cmd)}")
+        process.start()
+        try:
+            url = process.wait_healthy(timeout=900)
+
+            async def drive() -> list[dict[str, Any]]:
+                engine = VLLMEngine(url, tokenizer, stop_ids=[], max_running=max(levels), max_queued=max(levels))
+                await engine.start()
+                try:
+                    return await _engine_levels(engine, max_tokens, levels, model.config.vocab_size)
+                finally:
+                    await engine.stop()
+
+            return asyncio.run(drive())
+        finally:
+            process.stop()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,9 +389,13 @@ def print_table(results: dict[str, Any]) -> None:
     sections = results["sections"]
     errors = results["errors"]
     row("generate, dynamic cache (eager)", 1, sections.get("generate_dynamic"), errors.get("generate_dynamic"))
-    engine_rows = {r["concurrency"]: r for r in sections.get("engine") or []}
-    for level in LEVELS:
-        row("server engine (continuous batching, no HTTP)", level, engine_rows.get(level), errors.get("engine"))
+    for name, label in (("engine", "built-in engine (continuous batching, no HTTP)"),
+                        ("vllm_engine", "vLLM engine (vLLM over its HTTP API)")):
+        if name == "vllm_engine" and name not in sections and name not in errors:
+            continue  # not asked for (no --vllm-python)
+        engine_rows = {r["concurrency"]: r for r in sections.get(name) or []}
+        for level in LEVELS:
+            row(label, level, engine_rows.get(level), errors.get(name))
     row("generate, static cache + torch.compile", 1, sections.get("generate_static_compiled"),
         errors.get("generate_static_compiled"))
     print("ms/step: batch 1 rows: generate time / tokens; engine rows: median gap between a sequence's tokens.")
@@ -358,7 +414,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="timed generate() runs per section, best kept (default 2)")
     parser.add_argument("--bandwidth-tbs", type=float, default=None, help="peak memory bandwidth, TB/s (default: by device name)")
     parser.add_argument("--budget-s", type=float, default=420, help="overall time budget in seconds (default 420)")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: generate_dynamic,engine,generate_static_compiled")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: generate_dynamic,engine,vllm_engine,generate_static_compiled")
+    parser.add_argument("--vllm-python", help="a Python with vLLM: adds the vLLM engine section (default: not run)")
+    parser.add_argument("--vllm-args", default="", help="extra flags for the vLLM child (e.g. '--max-num-seqs 64')")
+    parser.add_argument("--work-dir", help="where the vLLM section saves the model (default: a temp dir, removed)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
 
@@ -451,6 +510,10 @@ def main(argv: list[str] | None = None) -> int:
 
     section("generate_dynamic", lambda: bench_generate(model, device, max_tokens, args.repeats, False, small))
     section("engine", lambda: bench_engine(model, engine_tokens, LEVELS))
+    if args.vllm_python:
+        with contextlib.ExitStack() as stack:
+            work_dir = pathlib.Path(args.work_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="gpu-bench-")))
+            section("vllm_engine", lambda: bench_vllm_engine(model, engine_tokens, LEVELS, args.vllm_python, args.vllm_args, work_dir))
     section(
         "generate_static_compiled",
         lambda: bench_generate(model, device, max_tokens, args.repeats, True, small),

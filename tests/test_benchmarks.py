@@ -104,6 +104,21 @@ def test_gpu_benchmark_small_runs_on_cpu(tmp_path: pathlib.Path) -> None:
     assert all(r["tokens"] == r["concurrency"] * results["engine_tokens"] for r in sections["engine"])
 
 
+def test_gpu_benchmark_vllm_engine_section_on_cpu(vllm_python: str, tmp_path: pathlib.Path) -> None:
+    """The vLLM section's code path with the --small weights on vLLM's CPU build (its own short-lived child)."""
+    out = tmp_path / "gpu.json"
+    proc = _run(["benchmarks.gpu", "--small", "--skip", "generate_dynamic,generate_static_compiled",
+                 "--vllm-python", vllm_python, "--work-dir", str(tmp_path), "--out", str(out)], timeout=900)
+    results = json.loads(out.read_text())
+    assert results["errors"] == {}, results["errors"]
+    rows = {name: results["sections"][name] for name in ("engine", "vllm_engine")}
+    for name, section in rows.items():
+        assert [r["concurrency"] for r in section] == [1, 8, 32], name
+        assert all(r["tokens"] == r["concurrency"] * results["engine_tokens"] for r in section), name
+    assert "vLLM engine (vLLM over its HTTP API)" in proc.stdout
+    assert (tmp_path / "model" / "tokenizer.json").exists()
+
+
 def test_gpu_bandwidth_lookup() -> None:
     from benchmarks.gpu import bandwidth_for
 
