@@ -176,16 +176,21 @@ def _no_call_yet(text: str, final: bool) -> _Scan:
     return _Scan(text[:safe].strip(), (), False)
 
 
-def _scan(text: str, names: Collection[str], max_calls: int | None, final: bool) -> _Scan:
-    """The decided part of the parse of `text` (all of it when `final`)."""
+def _scan(text: str, names: Collection[str], max_calls: int | None, final: bool, constrained: bool) -> _Scan:
+    """The decided part of the parse of `text` (all of it when `final`); `constrained` for text
+    whose calls follow a grammar."""
     if not names:  # tools not offered: plain text, passed through untouched
         return _Scan(text, (), final)
     start = text.find(ACTION)
     if start < 0:
         return _no_call_yet(text, final)
-    preamble = text[:start].strip()
+    scan_calls = _scan_constrained_calls if constrained else _scan_calls
+    return scan_calls(text, start, text[:start].strip(), names, max_calls, final)
+
+
+def _scan_calls(text: str, pos: int, preamble: str, names: Collection[str], max_calls: int | None, final: bool) -> _Scan:
+    """The calls from the first `Action:` at `pos` on, each block read by `_block`."""
     calls: list[tuple[str, str]] = []
-    pos = start
     while True:
         status, name, arguments, end, closed = _block(text, pos, names, final)
         if status is _Block.INCOMPLETE:
@@ -208,19 +213,14 @@ def _scan(text: str, names: Collection[str], max_calls: int | None, final: bool)
         return _Scan(preamble, tuple(calls), True)
 
 
-def _scan_constrained(text: str, names: Collection[str], max_calls: int | None, final: bool) -> _Scan:
-    """Like `_scan`, for text whose calls follow a grammar: a call counts from the end of its name's
-    line, with the arguments written so far. Text breaking the format (the grammar rules that out)
-    is handled like `_scan` does: an unknown first name makes everything content, later ones are
-    dropped."""
-    if not names:
-        return _Scan(text, (), final)
-    start = text.find(ACTION)
-    if start < 0:
-        return _no_call_yet(text, final)
-    preamble = text[:start].strip()
+def _scan_constrained_calls(
+    text: str, pos: int, preamble: str, names: Collection[str], max_calls: int | None, final: bool
+) -> _Scan:
+    """Like `_scan_calls`, for text whose calls follow a grammar: a call counts from the end of its
+    name's line, with the arguments written so far. Text breaking the format (the grammar rules
+    that out) is handled like `_scan_calls` does: an unknown first name makes everything content,
+    later ones are dropped."""
     calls: list[tuple[str, str]] = []
-    pos = start
     while True:
         newline = text.find("\n", pos + len(ACTION))
         if newline < 0:  # the name is still being written
@@ -269,7 +269,7 @@ def parse_output(
     constrained: bool = False,
 ) -> ParsedOutput:
     """Parse a whole generation. With no `tool_names` the text is returned as content."""
-    scan = (_scan_constrained if constrained else _scan)(text, tool_names, max_calls, final=True)
+    scan = _scan(text, tool_names, max_calls, final=True, constrained=constrained)
     calls = [ToolCall(id_factory(), name, args) for name, args in scan.calls]
     return ParsedOutput(content=scan.content if scan.content or not calls else None, tool_calls=calls)
 
@@ -295,7 +295,7 @@ class StreamingParser:
         self._names = frozenset(tool_names)
         self._max_calls = max_calls
         self._id_factory = id_factory
-        self._scan = _scan_constrained if constrained else _scan
+        self._constrained = constrained
         self._text = ""
         self._content = ""
         self._calls: list[ToolCall] = []
@@ -315,14 +315,14 @@ class StreamingParser:
         if self._done or not delta:
             return []
         self._text += delta
-        return self._advance(self._scan(self._text, self._names, self._max_calls, final=False))
+        return self._advance(_scan(self._text, self._names, self._max_calls, False, self._constrained))
 
     def finish(self) -> list[StreamEvent]:
         """End of generation: decide everything still open."""
         if self._finished:
             return []
         self._finished = True
-        return self._advance(self._scan(self._text, self._names, self._max_calls, final=True))
+        return self._advance(_scan(self._text, self._names, self._max_calls, True, self._constrained))
 
     @property
     def cut_in_call(self) -> bool:
