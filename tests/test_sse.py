@@ -1,6 +1,6 @@
 """The streaming wire format without a model: SSE framing and spliced chunks.
 
-Spliced chunks (`TextChunk`) must be byte-identical to chunks serialized the slow way, for any
+Spliced chunks (`TextChunks`) must be byte-identical to chunks serialized the slow way, for any
 text a model can produce: clients parse them, and the stream == non-stream tests compare them.
 """
 
@@ -21,7 +21,7 @@ from server.api.protocol import (
     FunctionCallDelta,
     ToolCallDelta,
 )
-from server.api.sse import TextChunk, encode, json_text
+from server.api.sse import TextChunks, encode, json_text
 
 TEXTS = st.text() | st.sampled_from(['"', "\\", "\n\t\r\b\f", "\x00\x1f\x7f", "巴黎", "😀", "\u2028\u2029", "</script>"])
 
@@ -43,32 +43,32 @@ def completion_text(text: str) -> str:
 @settings(max_examples=300)
 @given(text=TEXTS, model=st.text(min_size=1, max_size=20), index=st.integers(0, 3))
 def test_spliced_content_chunk_equals_the_serialized_one(text: str, model: str, index: int) -> None:
-    template = TextChunk(lambda t: chat_chunk(model, index, Delta(content=t)), json_text)
-    assert template(text) == chat_chunk(model, index, Delta(content=text))
+    spliced = TextChunks(lambda i, t: chat_chunk(model, i, Delta(content=t)), json_text)
+    assert spliced(index, text) == chat_chunk(model, index, Delta(content=text))
 
 
 @settings(max_examples=300)
 @given(text=TEXTS, call=st.integers(0, 3))
 def test_spliced_arguments_chunk_equals_the_serialized_one(text: str, call: int) -> None:
-    def render(t: str) -> str:
-        return chat_chunk("m", 0, Delta(tool_calls=[ToolCallDelta(index=call, function=FunctionCallDelta(arguments=t))]))
+    def render(key: int, t: str) -> str:
+        return chat_chunk("m", 0, Delta(tool_calls=[ToolCallDelta(index=key, function=FunctionCallDelta(arguments=t))]))
 
-    assert TextChunk(render, json_text)(text) == render(text)
+    assert TextChunks(render, json_text)(call, text) == render(call, text)
 
 
 @settings(max_examples=300)
 @given(text=TEXTS, model=st.text(min_size=1, max_size=20))
 def test_spliced_completion_chunk_equals_the_serialized_one(text: str, model: str) -> None:
-    template = TextChunk(lambda t: completion_chunk(model, 0, t), completion_text)
-    assert template(text) == completion_chunk(model, 0, text)
+    spliced = TextChunks(lambda i, t: completion_chunk(model, i, t), completion_text)
+    assert spliced(0, text) == completion_chunk(model, 0, text)
 
 
 def test_a_model_name_holding_the_marker_falls_back_to_serializing() -> None:
-    model = TextChunk._MARK
-    template = TextChunk(lambda t: chat_chunk(model, 0, Delta(content=t)), json_text)
-    assert template._parts is None
-    assert template("hi") == chat_chunk(model, 0, Delta(content="hi"))
-    assert json.loads(template("hi"))["model"] == model
+    model = TextChunks._MARK
+    spliced = TextChunks(lambda i, t: chat_chunk(model, i, Delta(content=t)), json_text)
+    assert spliced(0, "hi") == chat_chunk(model, 0, Delta(content="hi"))
+    assert spliced._parts[0] is None
+    assert json.loads(spliced(0, "hi"))["model"] == model
 
 
 def test_event_framing() -> None:

@@ -43,7 +43,7 @@ from server.api.protocol import (
     Usage,
     SamplingRequest,
 )
-from server.api.sse import TextChunk, json_text
+from server.api.sse import TextChunks, json_text
 from server.engine.base import (
     Engine,
     EngineError,
@@ -476,26 +476,22 @@ class ChatService:
             )
             return _dump(body)
 
-        def arguments(call: int, fragment: str) -> Delta:
-            function = FunctionCallDelta(arguments=fragment)
+        def text_delta(call: int | None, text: str) -> Delta:
+            """Content (`call` None) or a call's arguments: the per-token deltas."""
+            if call is None:
+                return Delta(content=text)
+            function = FunctionCallDelta(arguments=text)
             if chat.legacy_functions:
                 return Delta(function_call=function)
             return Delta(tool_calls=[ToolCallDelta(index=call, function=function)])
 
-        templates: dict[tuple[int, int | None], TextChunk] = {}
+        spliced = TextChunks(lambda key, t: chunk(key[0], text_delta(key[1], t)), json_text)
 
         def text_chunk(index: int, call: int | None, text: str) -> str:
-            """Content (`call` None) or a call's arguments: the per-token chunks, spliced into a
-            template of their choice and call unless logprobs ride on them."""
-            def delta(t: str) -> Delta:
-                return Delta(content=t) if call is None else arguments(call, t)
-
+            """Spliced into the template of its choice and call, unless logprobs ride on it."""
             if pending[index]:
-                return chunk(index, delta(text))
-            template = templates.get((index, call))
-            if template is None:
-                template = templates[(index, call)] = TextChunk(lambda t: chunk(index, delta(t)), json_text)
-            return template(text)
+                return chunk(index, text_delta(call, text))
+            return spliced((index, call), text)
 
         for index in range(len(generations)):
             yield chunk(index, Delta(role="assistant", content=""))

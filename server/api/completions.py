@@ -20,7 +20,7 @@ import pydantic_core
 from server.api.chat import ChatService, ChoiceDone, PreparedChat, TokenLogprobs, new_id
 from server.api.errors import APIError
 from server.api.protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
-from server.api.sse import TextChunk
+from server.api.sse import TextChunks
 from server.engine.base import EngineError, Generation, TokenLogprob
 from server.format.parse import ContentDelta
 from server.format.render import RenderedPrompt, RenderError, ToolChoice, check_unicode
@@ -126,15 +126,7 @@ class CompletionService:
                 CompletionChoice(index=index, text=text, finish_reason=finish_reason, logprobs=logprobs)])  # type: ignore[arg-type]
             return body.model_dump_json(exclude={"usage"})
 
-        templates: dict[int, TextChunk] = {}
-
-        def text_chunk(index: int, text: str) -> str:
-            """The per-token chunk: spliced into its choice's template unless logprobs ride on it."""
-            if pending[index]:
-                return chunk(index, text)
-            if index not in templates:
-                templates[index] = TextChunk(lambda t: chunk(index, t), lambda t: pydantic_core.to_json(t).decode())
-            return templates[index](text)
+        spliced = TextChunks(chunk, lambda t: pydantic_core.to_json(t).decode())  # the per-token chunks
 
         if prepared.echo:
             for index in range(len(generations)):
@@ -146,7 +138,7 @@ class CompletionService:
                     if isinstance(event, TokenLogprobs):
                         pending[index].extend(event.entries)
                     elif isinstance(event, ContentDelta):
-                        yield text_chunk(index, event.text)
+                        yield chunk(index, event.text) if pending[index] else spliced(index, event.text)
                     elif isinstance(event, ChoiceDone):
                         completion_tokens += event.completion_tokens
                         yield chunk(index, "", event.finish_reason)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
+from typing import Generic, TypeVar
 
 from starlette.responses import StreamingResponse
 from starlette.types import Send
@@ -19,6 +20,7 @@ from starlette.types import Send
 # A `data:` payload, or (event name, data) for streams whose events are named (the Responses API).
 # Payloads are single-line JSON (or `[DONE]`), so each is one `data:` line.
 Event = str | tuple[str, str]
+K = TypeVar("K")  # what a chunk template is kept per: a choice, or a choice and a call
 
 
 def encode(event: Event) -> bytes:
@@ -48,27 +50,31 @@ class EventStream(StreamingResponse):
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-class TextChunk:
-    """The JSON of a streamed chunk whose only varying part is one text field, built by splicing.
+class TextChunks(Generic[K]):
+    """The JSON of streamed chunks whose only varying part is one text field, built by splicing.
 
-    `render(text)` serializes the whole chunk (the slow, authoritative way); it is called once,
-    with a marker, and the output around the marker is kept. `encode_text` must be the string
-    encoding `render` uses, so a spliced chunk is byte-identical to a rendered one (tested).
+    `render(key, text)` serializes a whole chunk (the slow, authoritative way); for each key (a
+    choice, or a choice and a call) it is called once, with a marker, and the output around the
+    marker is kept. `encode_text` must be the string encoding `render` uses, so a spliced chunk is
+    byte-identical to a rendered one (tested).
     """
 
     _MARK = "\x00\x01mark\x01\x00"
 
-    def __init__(self, render: Callable[[str], str], encode_text: Callable[[str], str]) -> None:
+    def __init__(self, render: Callable[[K, str], str], encode_text: Callable[[str], str]) -> None:
         self._render = render
         self._encode_text = encode_text
-        rendered = render(self._MARK)
-        mark = encode_text(self._MARK)
-        self._parts = rendered.split(mark) if rendered.count(mark) == 1 else None
+        self._parts: dict[K, list[str] | None] = {}
 
-    def __call__(self, text: str) -> str:
-        if self._parts is None:  # the marker showed up elsewhere too (say, in a model name)
-            return self._render(text)
-        prefix, suffix = self._parts
+    def __call__(self, key: K, text: str) -> str:
+        if key not in self._parts:
+            rendered = self._render(key, self._MARK)
+            mark = self._encode_text(self._MARK)
+            self._parts[key] = rendered.split(mark) if rendered.count(mark) == 1 else None
+        parts = self._parts[key]
+        if parts is None:  # the marker showed up elsewhere too (say, in a model name)
+            return self._render(key, text)
+        prefix, suffix = parts
         return prefix + self._encode_text(text) + suffix
 
 
